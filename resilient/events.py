@@ -1,0 +1,173 @@
+"""What the policies report: frozen event objects handed to hooks.
+
+A hook is any callable taking one event. Hooks are given per policy (``hooks=``) or for the whole
+process with `add_hook`; the logging and OpenTelemetry hooks in `resilient.telemetry` are two such.
+Events are emitted only off the success path (a retry, a rejection, a state change...), so hooks cost
+nothing while everything works. A hook that raises is logged and otherwise ignored: telemetry never
+breaks a call.
+
+Example::
+
+    seen = []
+    rs.add_hook(seen.append)
+    rs.Retry(on=OSError, wait=0).call(flaky)
+    assert isinstance(seen[0], rs.events.RetryScheduled)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+__all__ = [
+    "CallRejected",
+    "CircuitStateChanged",
+    "Event",
+    "FallbackUsed",
+    "HedgeLaunched",
+    "Hook",
+    "RetryGaveUp",
+    "RetryScheduled",
+    "TimedOut",
+    "add_hook",
+    "emit",
+    "remove_hook",
+]
+
+_log = logging.getLogger("resilient")
+
+BreakerState = Literal["closed", "open", "half_open"]
+GiveUpReason = Literal["attempts", "deadline", "budget", "stop"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event: ``policy`` is the kind of policy, ``name`` the instance's name."""
+
+    kind: ClassVar[str] = "event"
+    policy: ClassVar[str] = "policy"
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled(Event):
+    """Attempt ``attempt`` failed; the next starts after ``wait`` seconds."""
+
+    kind: ClassVar[str] = "retry_scheduled"
+    policy: ClassVar[str] = "retry"
+    attempt: int
+    wait: float
+    exception: BaseException | None = None
+    result: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGaveUp(Event):
+    """Retrying stopped after ``attempts`` attempts because of ``reason``."""
+
+    kind: ClassVar[str] = "retry_gave_up"
+    policy: ClassVar[str] = "retry"
+    attempts: int
+    reason: GiveUpReason
+    exception: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitStateChanged(Event):
+    """The breaker moved from ``old`` to ``new``; ``open_for`` is set when it opened."""
+
+    kind: ClassVar[str] = "circuit_state_changed"
+    policy: ClassVar[str] = "circuit_breaker"
+    old: BreakerState
+    new: BreakerState
+    open_for: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected(Event):
+    """A policy refused a call before it started; ``rejected_by`` is the policy kind."""
+
+    kind: ClassVar[str] = "call_rejected"
+    rejected_by: str
+    reason: str = ""
+
+    @property
+    def policy(self) -> str:  # type: ignore[override]
+        """The kind of policy that refused (the same as ``rejected_by``)."""
+        return self.rejected_by
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeLaunched(Event):
+    """Hedge number ``hedge`` (1 = the first extra attempt) started ``after`` seconds in."""
+
+    kind: ClassVar[str] = "hedge_launched"
+    policy: ClassVar[str] = "hedge"
+    hedge: int
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut(Event):
+    """A call was cut (async) or found late (sync) after ``timeout`` seconds."""
+
+    kind: ClassVar[str] = "timed_out"
+    policy: ClassVar[str] = "timeout"
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackUsed(Event):
+    """The fallback replaced a failure (``exception``) with its own answer."""
+
+    kind: ClassVar[str] = "fallback_used"
+    policy: ClassVar[str] = "fallback"
+    exception: BaseException | None = None
+
+
+class Hook(Protocol):
+    """Anything called with each event: a function, a bound method, ``list.append``."""
+
+    def __call__(self, event: Event, /) -> object: ...
+
+
+_global_hooks: list[Hook] = []
+
+
+def add_hook(hook: Hook) -> None:
+    """Send every policy's events to ``hook`` as well as to the policy's own ``hooks=``.
+
+    Example::
+
+        rs.add_hook(rs.telemetry.LoggingHook())
+    """
+    if not callable(hook):
+        raise TypeError(f"hook must be callable, got {hook!r}")
+    _global_hooks.append(hook)
+
+
+def remove_hook(hook: Hook) -> None:
+    """Stop sending events to a hook added with `add_hook` (no error if it was not there).
+
+    Example::
+
+        rs.remove_hook(my_hook)
+    """
+    try:
+        _global_hooks.remove(hook)
+    except ValueError:
+        pass
+
+
+def emit(hooks: Sequence[Hook], event: Event) -> None:
+    """Hand ``event`` to the policy's hooks, then to the global ones; a failing hook is logged."""
+    for hook in (*hooks, *_global_hooks):
+        try:
+            hook(event)
+        except Exception as exc:
+            # Not _log.exception: the traceback could carry an exception message with credentials.
+            _log.error(
+                "resilient: event hook %r failed on %s: %s", hook, event.kind, type(exc).__name__
+            )

@@ -1,0 +1,183 @@
+"""Degraded answers: the last good response for a GET, served when every attempt failed.
+
+RFC 5861 ``stale-if-error``: a response may be served stale for ``N`` seconds after it was received
+when the origin errs; the server's ``Cache-Control: stale-if-error=N`` wins over the default, and
+``no-store`` keeps a response out. The body is captured as the caller reads it (a tee on the
+response stream), so the response the caller gets stays streamable.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from resilient._clock import Clock
+from resilient.policies._common import check_count, check_positive, resolve_clock
+
+__all__ = ["STALE_HEADER", "StaleIfError"]
+
+#: Set on a stale answer; its value is the answer's age in whole seconds.
+STALE_HEADER = "X-Resilient-Stale"
+
+_STALE_IF_ERROR = re.compile(r"stale-if-error\s*=\s*\"?(\d+)", re.IGNORECASE)
+_NO_STORE = re.compile(r"(^|,)\s*(no-store|private)\s*(,|$)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    content: bytes
+    stored_at: float
+    stale_for: float
+
+
+def _key(request: httpx.Request) -> str:
+    # userinfo never becomes part of a key: keys may be listed in debugging output
+    return str(request.url.copy_with(username=None, password=None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class StaleIfError:
+    """A bounded in-memory cache of good GET responses, served stale when the origin fails.
+
+    ``max_entries`` bounds the number of URLs kept (least recently stored go first),
+    ``max_body_bytes`` skips large bodies, ``stale_for`` is how long an answer may be served stale
+    when the server did not say (``Cache-Control: stale-if-error=N`` overrides it).
+
+    A stale answer carries the header ``X-Resilient-Stale: <age in seconds>`` and
+    ``response.extensions["resilient"]["stale"] == True``.
+
+    Example::
+
+        transport = rs.ResilientTransport(fallback=rs.http.StaleIfError(stale_for=300))
+        client = httpx.Client(transport=transport)
+        r = client.get("http://catalog/items")
+        if r.extensions["resilient"]["stale"]:
+            ...  # a degraded answer
+    """
+
+    max_entries: int = 1024
+    max_body_bytes: int = 1 << 20
+    stale_for: float = 300.0
+    clock: Clock | None = None
+    _clock: Clock = field(init=False, repr=False)
+    _entries: OrderedDict[str, _Entry] = field(init=False, repr=False)
+    _lock: threading.Lock = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_count("max_entries", self.max_entries)
+        check_count("max_body_bytes", self.max_body_bytes, minimum=0)
+        check_positive("stale_for", self.stale_for)
+        object.__setattr__(self, "_clock", resolve_clock(self.clock))
+        object.__setattr__(self, "_entries", OrderedDict())
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _stale_window(self, request: httpx.Request, response: httpx.Response) -> float | None:
+        """How long this response may be served stale, or None if it must not be kept."""
+        # ``response.request`` is not set yet inside a transport: the client sets it afterwards.
+        if request.method != "GET" or response.status_code != 200:
+            return None
+        cache_control = response.headers.get("cache-control", "")
+        if _NO_STORE.search(cache_control):
+            return None
+        match = _STALE_IF_ERROR.search(cache_control)
+        return float(match.group(1)) if match else self.stale_for
+
+    def _store(self, request: httpx.Request, response: httpx.Response, content: bytes) -> None:
+        stale_for = self._stale_window(request, response)
+        if stale_for is None:
+            return
+        entry = _Entry(
+            response.status_code,
+            list(response.headers.raw),
+            content,
+            self._clock.monotonic(),
+            stale_for,
+        )
+        key = _key(request)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def wrap(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        """Arrange for a good GET response to be kept once the caller has read all of it."""
+        if self._stale_window(request, response) is None:
+            return response
+        response.stream = _Tee(self, request, response)
+        return response
+
+    def lookup(self, request: httpx.Request) -> httpx.Response | None:
+        """A stale copy of the last good answer to this GET, if one may still be served."""
+        if request.method != "GET":
+            return None
+        with self._lock:
+            entry = self._entries.get(_key(request))
+        if entry is None:
+            return None
+        age = self._clock.monotonic() - entry.stored_at
+        if age > entry.stale_for:
+            return None
+        response = httpx.Response(
+            entry.status, headers=entry.headers, content=entry.content, request=request
+        )
+        response.headers[STALE_HEADER] = str(int(age))
+        return response
+
+
+class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """Pass the body through to the caller and keep a copy; store it when the body is complete."""
+
+    def __init__(self, cache: StaleIfError, request: httpx.Request, response: httpx.Response):
+        self._cache = cache
+        self._request = request
+        self._response = response
+        self._inner = response.stream
+        self._parts: list[bytes] | None = []
+        self._size = 0
+
+    def _keep(self, chunk: bytes) -> None:
+        if self._parts is None:
+            return
+        self._size += len(chunk)
+        if self._size > self._cache.max_body_bytes:
+            self._parts = None
+        else:
+            self._parts.append(chunk)
+
+    def _done(self) -> None:
+        if self._parts is not None:
+            self._cache._store(self._request, self._response, b"".join(self._parts))
+            self._parts = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._inner, httpx.SyncByteStream)
+        for chunk in self._inner:
+            self._keep(chunk)
+            yield chunk
+        self._done()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._inner, httpx.AsyncByteStream)
+        async for chunk in self._inner:
+            self._keep(chunk)
+            yield chunk
+        self._done()
+
+    def close(self) -> None:
+        if isinstance(self._inner, httpx.SyncByteStream):
+            self._inner.close()
+
+    async def aclose(self) -> None:
+        if isinstance(self._inner, httpx.AsyncByteStream):
+            await self._inner.aclose()

@@ -1,0 +1,1158 @@
+"""`ResilientTransport`: one httpx transport, sync and async, with the standard pipeline per request.
+
+::
+
+    bulkhead → total deadline → retry (+ budget) → breaker → attempt timeout → inner transport
+
+The retry loop here is HTTP's own, not `Retry`: it must know what was sent (body replay), read
+``Retry-After``, close every response it discards, and return the last response (a 503 is an
+answer) rather than raise. The decisions live in `_decide`; the sync and async drivers are twins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import queue
+import random as _random
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import httpx
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from resilient._clock import Clock
+from resilient._deadline import _DEADLINE
+from resilient._errors import CircuitOpenError
+from resilient.events import HedgeLaunched, Hook, RetryGaveUp, RetryScheduled, emit
+from resilient.http._cache import StaleIfError
+from resilient.http._classify import Classifier
+from resilient.policies._common import check_count, check_positive, resolve_clock
+from resilient.policies.breaker import REJECTED, CircuitBreaker
+from resilient.policies.budget import RetryBudget
+from resilient.policies.bulkhead import Bulkhead
+from resilient.policies.retry import add_note, full_jitter
+
+__all__ = ["Hedging", "ResilientTransport"]
+
+_get_running_loop = asyncio.events._get_running_loop  # None outside asyncio (e.g. under trio)
+
+_DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
+
+#: Keys accepted in ``request.extensions["resilient"]``.
+_OPTION_KEYS = frozenset({"attempts", "deadline", "idempotent", "retry"})
+
+_SENSITIVE_QUERY = frozenset(
+    {
+        "awsaccesskeyid",
+        "signature",
+        "sig",
+        "x-goog-signature",
+        "x-amz-signature",
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "secret",
+        "client_secret",
+    }
+)
+
+
+def _url_for_telemetry(url: httpx.URL) -> str:
+    """``url.full`` per the OpenTelemetry HTTP conventions: userinfo and signatures redacted."""
+    if url.userinfo:
+        url = url.copy_with(username="REDACTED", password="REDACTED")
+    if url.query:
+        params = [
+            (k, "REDACTED" if k.lower() in _SENSITIVE_QUERY else v)
+            for k, v in url.params.multi_items()
+        ]
+        url = url.copy_with(params=params)
+    return str(url)
+
+
+if sys.version_info >= (3, 11):
+    _cancelling = asyncio.Task.cancelling
+    _uncancel = asyncio.Task.uncancel
+else:  # pragma: no cover - Python 3.10 has no cancellation counts
+
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return 0
+
+
+class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A streamed request body that knows whether any part of it has gone out."""
+
+    def __init__(self, inner: httpx.SyncByteStream | httpx.AsyncByteStream) -> None:
+        self.inner = inner
+        self.started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self.inner, httpx.SyncByteStream)
+        for chunk in self.inner:
+            self.started = True
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self.inner, httpx.AsyncByteStream)
+        async for chunk in self.inner:
+            self.started = True
+            yield chunk
+
+    def close(self) -> None:
+        if isinstance(self.inner, httpx.SyncByteStream):
+            self.inner.close()
+
+    async def aclose(self) -> None:
+        if isinstance(self.inner, httpx.AsyncByteStream):
+            await self.inner.aclose()
+
+
+class _Call:
+    """One request's progress through its attempts."""
+
+    __slots__ = (
+        "attempt",
+        "attempts",
+        "body",
+        "deadline_at",
+        "idempotent",
+        "last_duration",
+        "retry",
+        "sent",
+    )
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.sent = 0
+        self.attempts = 1
+        self.body: _TrackedBody | None = None
+        self.deadline_at: float | None = None
+        self.idempotent = False
+        self.last_duration = 0.0
+        self.retry = True
+
+
+@dataclass(slots=True)
+class _Attempt:
+    breaker: CircuitBreaker | None
+    gen: int
+    span: trace.Span | None
+    host: _Host
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Instruments:
+    attempts: metrics.Counter
+    retries: metrics.Counter
+    rejections: metrics.Counter
+    budget_exhausted: metrics.Counter
+    stale: metrics.Counter
+    hedges: metrics.Counter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hedging:
+    """Hedged requests for idempotent requests: a second copy when the first is slow.
+
+    After ``delay`` seconds without an answer (or, with ``delay="p95"``, after the 95th percentile
+    of this host's recent successful latencies, once ``min_samples`` are known), another copy is
+    sent; the first good answer wins and the others are cancelled and closed. Each hedge takes a
+    token from the transport's retry budget, so hedging adds at most the budget's share of load.
+    Requests with a streamed body, and requests that are not idempotent, are never hedged.
+
+    Where a hedge is cheap it is on by default: asyncio clients pay one timer per request. Sync
+    clients hedge only with ``threads=True`` (a sync request can be abandoned only if it runs in
+    another thread, so every hedgeable request then pays a thread hand-off, tens of µs), and trio
+    clients only with ``trio=True`` (a task group per hedgeable request, ~100 µs).
+
+    Example::
+
+        rs.ResilientTransport(hedge=rs.http.Hedging(delay=0.05, max_hedges=2))
+        rs.ResilientTransport(hedge=rs.http.Hedging(threads=True))   # for httpx.Client too
+        rs.ResilientTransport(hedge=None)                            # no hedging
+    """
+
+    delay: float | Literal["p95"] = "p95"
+    max_hedges: int = 1
+    min_delay: float = 0.002
+    min_samples: int = 50
+    threads: bool = False
+    trio: bool = False
+    max_workers: int = 32
+
+    def __post_init__(self) -> None:
+        if self.delay != "p95":
+            check_positive("delay", self.delay)
+        check_count("max_hedges", self.max_hedges)
+        check_positive("min_delay", self.min_delay, allow_zero=True)
+        check_count("min_samples", self.min_samples)
+        check_count("max_workers", self.max_workers, minimum=2)
+
+
+class _Latency:
+    """Recent successful latencies of one host, and their 95th percentile."""
+
+    __slots__ = ("_i", "_p95", "_samples", "_size", "_stale")
+
+    def __init__(self, size: int = 512) -> None:
+        self._samples: list[float] = []
+        self._size = size
+        self._i = 0
+        self._p95: float | None = None
+        self._stale = 0
+
+    def add(self, seconds: float) -> None:
+        if len(self._samples) < self._size:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._i] = seconds
+            self._i = (self._i + 1) % self._size
+        self._stale += 1
+
+    def p95(self, min_samples: int) -> float | None:
+        samples = self._samples
+        if len(samples) < min_samples:
+            return None
+        if self._p95 is None or self._stale >= 32:  # re-sorted every 32 samples, not every call
+            ordered = sorted(samples)
+            self._p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+            self._stale = 0
+        return self._p95
+
+
+class _Host:
+    """What the transport keeps per host: its breaker, its latencies, its telemetry attributes."""
+
+    __slots__ = ("attributes", "breaker", "latency", "name")
+
+    def __init__(self, name: str, breaker: CircuitBreaker | None) -> None:
+        self.name = name
+        self.breaker = breaker
+        self.latency = _Latency()
+        self.attributes = {"server.address": name.rpartition(":")[0]}
+
+
+def _clone(request: httpx.Request) -> httpx.Request:
+    """A copy of a request for a hedge: its own headers and extensions, the same (bytes) body."""
+    return httpx.Request(
+        request.method,
+        request.url,
+        headers=request.headers.copy(),
+        stream=request.stream,
+        extensions=dict(request.extensions),
+    )
+
+
+class _AsyncioRace:
+    """A hedged request on asyncio: the attempt runs in the caller's task, hedges from a timer.
+
+    An anyio task group per request would cost ~30 µs on every hedgeable request; here a request
+    that answers before ``delay`` costs one ``call_later`` and its cancellation. A winning hedge
+    interrupts the caller's attempt with ``task.cancel()``, taken back with ``uncancel()`` as
+    ``asyncio.timeout`` does, so an outer cancellation is never swallowed. Methods rather than
+    closures, so a finished race leaves no reference cycle for the garbage collector.
+    """
+
+    __slots__ = (
+        "call",
+        "delay",
+        "done",
+        "hedges",
+        "loop",
+        "primary",
+        "request",
+        "task",
+        "timer",
+        "transport",
+        "winner",
+    )
+
+    def __init__(
+        self,
+        transport: ResilientTransport,
+        request: httpx.Request,
+        call: _Call,
+        delay: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self.transport = transport
+        self.request = request
+        self.call = call
+        self.delay = delay
+        self.loop = loop
+        self.task = task
+        self.hedges: list[asyncio.Task[httpx.Response]] = []
+        self.winner: httpx.Response | None = None
+        self.primary = True
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def _launch(self) -> None:
+        self.timer = None
+        if self.done or self.winner is not None:
+            return
+        number = len(self.hedges) + 1
+        transport = self.transport
+        if not transport._may_hedge(self.request, number, self.delay * number):
+            return
+        hedge = self.loop.create_task(transport._attempt_async(_clone(self.request), self.call))
+        hedge.add_done_callback(self._finished)
+        self.hedges.append(hedge)
+        assert transport.hedge is not None
+        if number < transport.hedge.max_hedges:
+            self.timer = self.loop.call_later(self.delay, self._launch)
+
+    def _finished(self, hedge: asyncio.Task[httpx.Response]) -> None:
+        if hedge.cancelled() or hedge.exception() is not None:
+            return
+        response = hedge.result()
+        if self.done or self.winner is not None or not self.transport._good(response):
+            self.loop.create_task(response.aclose())
+            return
+        self.winner = response
+        if self.primary:
+            self.task.cancel()  # the caller's own attempt lost the race
+
+    def _stop(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for hedge in self.hedges:
+            hedge.cancel()
+        self.hedges = []
+
+    async def run(self) -> httpx.Response:
+        task = self.task
+        self.timer = self.loop.call_later(self.delay, self._launch)
+        cancelling = _cancelling(task)
+        try:
+            response = await self.transport._attempt_async(self.request, self.call)
+        except asyncio.CancelledError:
+            self.primary = False
+            winner = self.winner
+            self._stop()
+            if winner is not None and _uncancel(task) <= cancelling:
+                return winner
+            raise
+        except Exception:
+            self.primary = False
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            running = [hedge for hedge in self.hedges if not hedge.done()]
+            if running:  # a hedge in flight may still answer
+                await asyncio.wait(running)
+            winner = self.winner
+            self._stop()
+            if winner is not None:
+                return winner
+            raise
+        self.primary = False
+        self._stop()
+        return response
+
+
+class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """An httpx transport that retries safely, within deadlines and budgets, behind breakers.
+
+    One class serves ``httpx.Client`` and ``httpx.AsyncClient``. Defaults: 3 attempts in all,
+    full-jitter backoff from 100 ms, a `RetryBudget` (20 % + 10/s), one `CircuitBreaker` per
+    host, connect errors retried for every method, read errors, timeouts and 429/502/503/504
+    retried for idempotent requests only, ``Retry-After`` honoured (capped at 30 s), and no total
+    deadline unless ``deadline=`` is given.
+
+    Per-request overrides go in ``request.extensions["resilient"]``: ``attempts``, ``deadline``
+    (seconds), ``idempotent`` (True/False), ``retry`` (False turns retries off).
+
+    The final response carries ``response.extensions["resilient"]``: ``{"attempts": n,
+    "stale": bool}``.
+
+    Example::
+
+        transport = rs.ResilientTransport(deadline=5.0)
+        with httpx.Client(transport=transport, timeout=1.0) as client:
+            client.get("http://127.0.0.1:8001/items")
+            client.post("http://127.0.0.1:8001/orders", json=order,
+                        headers={"Idempotency-Key": order_id})   # retried: it carries a key
+            client.get("http://127.0.0.1:8001/slow",
+                       extensions={"resilient": {"attempts": 1}})
+
+        async with httpx.AsyncClient(transport=rs.ResilientTransport()) as client:
+            await client.get("http://127.0.0.1:8001/items")
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        *,
+        attempts: int = 3,
+        deadline: float | None = None,
+        attempt_timeout: float | None = None,
+        wait: float | None = None,
+        budget: RetryBudget | None = _DEFAULT,
+        breaker: CircuitBreaker | Callable[[str], CircuitBreaker] | None = _DEFAULT,
+        bulkhead: Bulkhead | None = None,
+        hedge: Hedging | None = _DEFAULT,
+        classifier: Classifier | None = None,
+        fallback: StaleIfError
+        | Callable[[httpx.Request, BaseException | httpx.Response], httpx.Response | None]
+        | None = None,
+        deadline_header: str | None = None,
+        clock: Clock | None = None,
+        random: Callable[[], float] | None = None,
+        hooks: Sequence[Hook] = (),
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        check_count("attempts", attempts)
+        if deadline is not None:
+            check_positive("deadline", deadline)
+        if attempt_timeout is not None:
+            check_positive("attempt_timeout", attempt_timeout)
+        if wait is not None:
+            check_positive("wait", wait, allow_zero=True)
+        if transport is not None and not isinstance(
+            transport, (httpx.BaseTransport, httpx.AsyncBaseTransport)
+        ):
+            raise ValueError(f"transport must be an httpx transport, got {transport!r}")
+        if budget is not None and budget is not _DEFAULT and not isinstance(budget, RetryBudget):
+            raise ValueError(f"budget must be a RetryBudget or None, got {budget!r}")
+        if hedge is not None and hedge is not _DEFAULT and not isinstance(hedge, Hedging):
+            raise ValueError(f"hedge must be a Hedging or None, got {hedge!r}")
+        if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
+            raise ValueError(f"bulkhead must be a Bulkhead or None, got {bulkhead!r}")
+        if breaker is not None and breaker is not _DEFAULT and not callable(breaker):
+            raise ValueError(
+                f"breaker must be a CircuitBreaker, a factory or None, got {breaker!r}"
+            )
+        if fallback is not None and not (isinstance(fallback, StaleIfError) or callable(fallback)):
+            raise ValueError(f"fallback must be a StaleIfError or a callable, got {fallback!r}")
+        self._clock = resolve_clock(clock)
+        self._inner = transport
+        self._sync_inner: httpx.BaseTransport | None = None
+        self._async_inner: httpx.AsyncBaseTransport | None = None
+        self.attempts = attempts
+        self.deadline = deadline
+        self.attempt_timeout = attempt_timeout
+        self.wait = wait
+        self.budget: RetryBudget | None = (
+            RetryBudget(clock=self._clock) if budget is _DEFAULT else budget
+        )
+        self.bulkhead = bulkhead
+        self.hedge: Hedging | None = Hedging() if hedge is _DEFAULT else hedge
+        self._latencies: dict[str, _Latency] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.classifier = classifier or Classifier()
+        self.fallback = fallback
+        self.deadline_header = deadline_header
+        self.hooks = tuple(hooks)
+        self._rand = random or _random.random
+        self._hosts: dict[tuple[bytes, int | None], _Host] = {}
+        self._shared_breaker: CircuitBreaker | None = None
+        self._breaker_factory: Callable[[str], CircuitBreaker] | None = None
+        if breaker is _DEFAULT:
+            self._breaker_factory = self._default_breaker
+        elif isinstance(breaker, CircuitBreaker):
+            self._shared_breaker = breaker
+        elif breaker is not None:
+            self._breaker_factory = breaker
+        # With no provider given and none installed yet, spans are skipped until one is installed:
+        # starting a no-op span costs ~1.5 µs a request for nothing.
+        self._tracer_given = tracer_provider is not None
+        self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("resilient")
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("resilient")
+        self._instruments = _Instruments(
+            attempts=meter.create_counter("resilient.http.attempts", unit="{attempt}"),
+            retries=meter.create_counter("resilient.http.retries", unit="{retry}"),
+            rejections=meter.create_counter("resilient.http.rejections", unit="{request}"),
+            budget_exhausted=meter.create_counter(
+                "resilient.http.retry_budget.exhausted", unit="{retry}"
+            ),
+            stale=meter.create_counter("resilient.http.stale_responses", unit="{response}"),
+            hedges=meter.create_counter("resilient.http.hedges", unit="{hedge}"),
+        )
+
+    # -- configuration ------------------------------------------------------------------------------
+
+    def _default_breaker(self, host: str) -> CircuitBreaker:
+        return CircuitBreaker(name=f"http:{host}", clock=self._clock, hooks=self.hooks)
+
+    def _host(self, url: httpx.URL) -> _Host:
+        key = (url.raw_host, url.port)
+        host = self._hosts.get(key)
+        if host is None:
+            name = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+            breaker = self._shared_breaker
+            if breaker is None and self._breaker_factory is not None:
+                breaker = self._breaker_factory(name)
+            host = self._hosts.setdefault(key, _Host(name, breaker))
+        return host
+
+    def breaker_for(self, url: httpx.URL) -> CircuitBreaker | None:
+        """The breaker that guards requests to ``url``'s host (None when breakers are off).
+
+        Example::
+
+            transport.breaker_for(httpx.URL("http://127.0.0.1:8001/")).state  # "closed"
+        """
+        return self._host(url).breaker
+
+    def _hedge_delay(
+        self, request: httpx.Request, call: _Call, *, allowed: bool = True
+    ) -> float | None:
+        """Seconds before this request's first hedge, or None if it is not to be hedged."""
+        hedge = self.hedge
+        if hedge is None or not allowed or not call.idempotent or call.body is not None:
+            return None
+        if hedge.delay == "p95":
+            p95 = self._host(request.url).latency.p95(hedge.min_samples)
+            return None if p95 is None else max(hedge.min_delay, p95)
+        return hedge.delay
+
+    def _may_hedge(self, request: httpx.Request, number: int, after: float) -> bool:
+        """Take a budget token for hedge ``number`` and report it; False if there is none."""
+        if self.budget is not None and not self.budget.try_withdraw():
+            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+            return False
+        self._instruments.hedges.add(1, self._host(request.url).attributes)
+        emit(self.hooks, HedgeLaunched("http", number, after))
+        return True
+
+    def _good(self, response: httpx.Response) -> bool:
+        return response.status_code not in self.classifier.retry_statuses
+
+    def _begin(self, request: httpx.Request) -> _Call:
+        call = _Call()
+        call.attempts = self.attempts
+        deadline = self.deadline
+        options = request.extensions.get("resilient")
+        idempotent: bool | None = None
+        if options:
+            unknown = set(options) - _OPTION_KEYS
+            if unknown:
+                raise ValueError(
+                    f"request.extensions['resilient'] has unknown keys {sorted(unknown)!r}; "
+                    f"known: {sorted(_OPTION_KEYS)!r}"
+                )
+            if "attempts" in options:
+                check_count("request.extensions['resilient']['attempts']", options["attempts"])
+                call.attempts = options["attempts"]
+            if "deadline" in options:
+                deadline = options["deadline"]
+                if deadline is not None:
+                    check_positive("request.extensions['resilient']['deadline']", deadline)
+            if "idempotent" in options:
+                idempotent = bool(options["idempotent"])
+            if "retry" in options:
+                call.retry = bool(options["retry"])
+        call.idempotent = (
+            self.classifier.is_idempotent(request) if idempotent is None else idempotent
+        )
+        now = self._clock.monotonic()
+        if deadline is not None:
+            call.deadline_at = now + deadline
+        ambient = _DEADLINE.get()
+        if ambient is not None:
+            clock, at = ambient
+            ambient_at = now + (at - clock.monotonic())
+            if call.deadline_at is None or ambient_at < call.deadline_at:
+                call.deadline_at = ambient_at
+        if not isinstance(request.stream, httpx.ByteStream):
+            call.body = _TrackedBody(request.stream)
+            request.stream = call.body
+        if self.budget is not None:
+            self.budget.deposit()
+        return call
+
+    def _prepare(self, request: httpx.Request, call: _Call) -> None:
+        """Clip this attempt's httpx timeouts to the time left; say the deadline if asked to."""
+        call.sent += 1
+        limit = self.attempt_timeout
+        if call.deadline_at is not None:
+            left = call.deadline_at - self._clock.monotonic()
+            limit = left if limit is None else min(limit, left)
+            if self.deadline_header:
+                request.headers[self.deadline_header] = f"{max(left, 0.0):.3f}"
+        if limit is not None:
+            limit = max(limit, 0.001)
+            timeout = request.extensions.get("timeout") or {}
+            request.extensions = {
+                **request.extensions,
+                "timeout": {
+                    k: limit if timeout.get(k) is None else min(timeout[k], limit)
+                    for k in ("connect", "read", "write", "pool")
+                },
+            }
+
+    # -- decisions -----------------------------------------------------------------------------------
+
+    def _decide(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        exc: BaseException | None = None,
+        response: httpx.Response | None = None,
+    ) -> float | str:
+        """After an attempt: seconds to wait before the next one, or why there is none."""
+        if exc is not None:
+            kind = self.classifier.exception_kind(exc)
+            if kind == "not_retryable":
+                return "not_retryable"
+            if kind == "maybe_processed" and not call.idempotent:
+                return "not_idempotent"
+            if call.body is not None and call.body.started:
+                return "body_sent"
+        else:
+            assert response is not None
+            if response.status_code not in self.classifier.retry_statuses:
+                return "done"
+            if not call.idempotent:
+                return "not_idempotent"
+            if call.body is not None and call.body.started:
+                return "body_sent"
+        if not call.retry:
+            return "retry_off"
+        breaker = self._host(request.url).breaker
+        if breaker is not None and breaker.state == "open":
+            return "breaker_open"
+        if call.attempt >= call.attempts:
+            return "attempts"
+        delay: float | None = None
+        if response is not None:
+            delay = self.classifier.retry_after(response, datetime.now(timezone.utc))
+        if delay is None:
+            delay = full_jitter(call.attempt, self._rand()) if self.wait is None else self.wait
+        if call.deadline_at is not None and (
+            self._clock.monotonic() + delay + call.last_duration > call.deadline_at
+        ):
+            return "deadline"
+        if self.budget is not None and not self.budget.try_withdraw():
+            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+            return "budget"
+        return delay
+
+    def _gave_up(
+        self, request: httpx.Request, call: _Call, reason: str, exc: BaseException | None
+    ) -> None:
+        if reason in ("done", "not_retryable", "not_idempotent", "retry_off"):
+            if exc is not None and reason == "not_idempotent":
+                add_note(
+                    exc,
+                    f"resilient: {request.method} not retried: the server may have processed it "
+                    "(send an Idempotency-Key header to allow retries)",
+                )
+            return
+        why = {
+            "attempts": "attempts exhausted",
+            "deadline": "the next attempt could not finish before the deadline",
+            "budget": "retry budget exhausted",
+            "body_sent": "the streamed request body was already (partly) sent",
+            "breaker_open": "the circuit breaker opened",
+        }[reason]
+        if exc is not None:
+            add_note(exc, f"resilient: gave up after {call.attempt} attempt(s): {why}")
+        event_reason = reason if reason in ("attempts", "deadline", "budget") else "stop"
+        emit(self.hooks, RetryGaveUp("http", call.attempt, event_reason, exc))  # type: ignore[arg-type]
+
+    def _scheduled(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        delay: float,
+        exc: BaseException | None,
+        response: httpx.Response | None,
+    ) -> None:
+        self._instruments.retries.add(1, self._host(request.url).attributes)
+        emit(self.hooks, RetryScheduled("http", call.attempt, delay, exc, response))
+
+    def _degraded(
+        self, request: httpx.Request, outcome: BaseException | httpx.Response
+    ) -> httpx.Response | None:
+        """The fallback's answer after every attempt failed, or None."""
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        if isinstance(outcome, httpx.Response) and not self.classifier.is_failure(
+            outcome.status_code
+        ):
+            return None
+        if isinstance(fallback, StaleIfError):
+            stale = fallback.lookup(request)
+        else:
+            stale = fallback(request, outcome)
+        if stale is not None:
+            self._instruments.stale.add(1, self._host(request.url).attributes)
+            stale.extensions = {**stale.extensions, "resilient": {"attempts": 0, "stale": True}}
+        return stale
+
+    def _finish(
+        self, request: httpx.Request, call: _Call, response: httpx.Response
+    ) -> httpx.Response:
+        response.extensions = {
+            **response.extensions,
+            "resilient": {"attempts": call.attempt, "stale": False},
+        }
+        if isinstance(self.fallback, StaleIfError) and response.status_code == 200:
+            return self.fallback.wrap(request, response)
+        return response
+
+    def _rejected(self, request: httpx.Request, exc: CircuitOpenError) -> None:
+        self._instruments.rejections.add(
+            1,
+            {
+                **self._host(request.url).attributes,
+                "resilient.policy.kind": "circuit_breaker",
+            },
+        )
+
+    # -- telemetry -----------------------------------------------------------------------------------
+
+    def _span_attributes(self, request: httpx.Request, call: _Call) -> dict[str, Any]:
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": request.method,
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "url.full": _url_for_telemetry(url),
+        }
+        if call.sent > 1:
+            attributes["http.request.resend_count"] = call.sent - 1
+        return attributes
+
+    @staticmethod
+    def _span_outcome(
+        span: trace.Span, response: httpx.Response | None, exc: BaseException | None
+    ) -> None:
+        if response is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_attribute("error.type", str(response.status_code))
+                span.set_status(Status(StatusCode.ERROR))
+        elif exc is not None:
+            span.set_attribute("error.type", type(exc).__qualname__)
+            span.set_status(Status(StatusCode.ERROR))
+
+    # -- one attempt: what both drivers do around the inner transport ----------------------------
+
+    def _start_attempt(self, request: httpx.Request, call: _Call) -> _Attempt:
+        host = self._host(request.url)
+        breaker = host.breaker
+        gen = 0
+        if breaker is not None:
+            gen = breaker._acquire()
+            if gen == REJECTED:
+                raise breaker._reject()
+        self._prepare(request, call)
+        self._instruments.attempts.add(1, host.attributes)
+        span: trace.Span | None = None
+        if self._tracer_given or not isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        ):
+            span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
+            if span.is_recording():
+                # Attributes, redaction and propagation only when someone records.
+                span.set_attributes(self._span_attributes(request, call))
+                propagate.inject(request.headers, context=trace.set_span_in_context(span))
+            else:
+                span.end()
+                span = None
+        return _Attempt(breaker, gen, span, host, self._clock.monotonic())
+
+    def _attempt_failed(self, attempt: _Attempt, call: _Call, exc: Exception) -> None:
+        call.last_duration = duration = self._clock.monotonic() - attempt.started
+        span = attempt.span
+        if span is not None:
+            self._span_outcome(span, None, exc)
+            span.end()
+        breaker = attempt.breaker
+        if breaker is not None:
+            if self.classifier.exception_kind(exc) == "not_retryable":
+                breaker._release(attempt.gen)
+            else:
+                breaker._failure(attempt.gen, duration, exc)
+
+    def _attempt_cancelled(self, attempt: _Attempt) -> None:
+        if attempt.span is not None:
+            attempt.span.end()
+        if attempt.breaker is not None:
+            attempt.breaker._release(attempt.gen)
+
+    def _attempt_answered(
+        self, attempt: _Attempt, call: _Call, request: httpx.Request, response: httpx.Response
+    ) -> None:
+        call.last_duration = duration = self._clock.monotonic() - attempt.started
+        span = attempt.span
+        if span is not None:
+            self._span_outcome(span, response, None)
+            span.end()
+        failed = self.classifier.is_failure(response.status_code)
+        if not failed:
+            attempt.host.latency.add(duration)
+        breaker = attempt.breaker
+        if breaker is not None:
+            if failed:
+                breaker._failure(attempt.gen, duration, None)
+            elif breaker._plain:
+                breaker._fast_success(attempt.gen)
+            else:
+                breaker._success(attempt.gen, duration)
+
+    # -- sync -------------------------------------------------------------------------------------
+
+    def _sync_transport(self) -> httpx.BaseTransport:
+        inner = self._sync_inner
+        if inner is None:
+            if self._inner is None:
+                inner = httpx.HTTPTransport()
+            elif isinstance(self._inner, httpx.BaseTransport):
+                inner = self._inner
+            else:
+                raise TypeError(
+                    "this ResilientTransport wraps an async transport; use it with httpx.AsyncClient"
+                )
+            self._sync_inner = inner
+        return inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.bulkhead is not None:
+            return self.bulkhead._execute(functools.partial(self._handle, request))
+        return self._handle(request)
+
+    def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        attempt = self._start_attempt(request, call)
+        try:
+            response = self._sync_transport().handle_request(request)
+        except Exception as exc:
+            self._attempt_failed(attempt, call, exc)
+            raise
+        except BaseException:
+            self._attempt_cancelled(attempt)
+            raise
+        self._attempt_answered(attempt, call, request, response)
+        return response
+
+    def _round(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        hedge = self.hedge
+        delay = self._hedge_delay(request, call, allowed=hedge is not None and hedge.threads)
+        if delay is None:
+            return self._attempt(request, call)
+        return self._race_threads(request, call, delay)
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                assert self.hedge is not None
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.hedge.max_workers, thread_name_prefix="resilient-hedge"
+                )
+            return self._pool
+
+    def _race_threads(self, request: httpx.Request, call: _Call, delay: float) -> httpx.Response:
+        """Run the attempt and its hedges in pool threads; return the first good answer.
+
+        Threads cannot be cancelled: losers run to the end and their responses are closed then.
+        """
+        assert self.hedge is not None
+        pool = self._thread_pool()
+        results: queue.SimpleQueue[tuple[httpx.Response | None, Exception | None]] = (
+            queue.SimpleQueue()
+        )
+        state = {"done": False}
+        lock = threading.Lock()
+
+        def run(req: httpx.Request) -> None:
+            try:
+                outcome: tuple[httpx.Response | None, Exception | None] = (
+                    self._attempt(req, call),
+                    None,
+                )
+            except Exception as exc:
+                outcome = (None, exc)
+            with lock:
+                if not state["done"]:
+                    results.put(outcome)
+                    return
+            if outcome[0] is not None:
+                outcome[0].close()  # a loser that answered after the race was decided
+
+        def submit(req: httpx.Request) -> None:
+            pool.submit(contextvars.copy_context().run, run, req)
+
+        submit(request)
+        launched, finished = 1, 0
+        kept: list[httpx.Response] = []
+        failure: Exception | None = None
+        next_at = self._clock.monotonic() + delay
+        try:
+            while finished < launched:
+                timeout = None
+                if launched <= self.hedge.max_hedges:
+                    timeout = max(0.0, next_at - self._clock.monotonic())
+                try:
+                    response, exc = results.get(timeout=timeout)
+                except queue.Empty:
+                    if self._may_hedge(request, launched, delay * launched):
+                        submit(_clone(request))
+                        launched += 1
+                        next_at += delay
+                    else:
+                        next_at = float("inf")
+                        launched = self.hedge.max_hedges + 1 if launched == 1 else launched
+                    continue
+                finished += 1
+                if response is None:
+                    failure = exc
+                elif self._good(response):
+                    return response
+                else:
+                    kept.append(response)
+        finally:
+            with lock:
+                state["done"] = True
+            while True:  # answers that arrived while the race was being decided
+                try:
+                    late, _ = results.get_nowait()
+                except queue.Empty:
+                    break
+                if late is not None and late not in kept:
+                    late.close()
+        if kept:
+            for extra in kept[:-1]:
+                extra.close()
+            return kept[-1]
+        assert failure is not None
+        raise failure
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        call = self._begin(request)
+        failure: Exception | None = None
+        while True:
+            call.attempt += 1
+            try:
+                response = self._round(request, call)
+            except CircuitOpenError as exc:
+                self._rejected(request, exc)
+                stale = self._degraded(request, exc)
+                if stale is not None:
+                    return stale
+                if failure is not None:  # the breaker opened between attempts: the real error
+                    add_note(failure, f"resilient: not retried: {exc}")
+                    raise failure from None
+                raise
+            except Exception as exc:
+                failure = exc
+                decision = self._decide(request, call, exc=exc)
+                if isinstance(decision, str):
+                    self._gave_up(request, call, decision, exc)
+                    stale = self._degraded(request, exc)
+                    if stale is not None:
+                        return stale
+                    raise
+                self._scheduled(request, call, decision, exc, None)
+                self._clock.sleep(decision)
+                continue
+            decision = self._decide(request, call, response=response)
+            if isinstance(decision, str):
+                self._gave_up(request, call, decision, None)
+                stale = self._degraded(request, response)
+                if stale is not None:
+                    response.close()
+                    return stale
+                return self._finish(request, call, response)
+            self._scheduled(request, call, decision, None, response)
+            response.close()  # a discarded attempt gives its connection back to the pool
+            self._clock.sleep(decision)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        if self._sync_inner is not None:
+            self._sync_inner.close()
+        elif isinstance(self._inner, httpx.BaseTransport):
+            self._inner.close()
+
+    def __enter__(self) -> ResilientTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        self.close()
+
+    # -- async ------------------------------------------------------------------------------------
+
+    def _async_transport(self) -> httpx.AsyncBaseTransport:
+        inner = self._async_inner
+        if inner is None:
+            if self._inner is None:
+                inner = httpx.AsyncHTTPTransport()
+            elif isinstance(self._inner, httpx.AsyncBaseTransport):
+                inner = self._inner
+            else:
+                raise TypeError(
+                    "this ResilientTransport wraps a sync transport; use it with httpx.Client"
+                )
+            self._async_inner = inner
+        return inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.bulkhead is not None:
+            return await self.bulkhead._execute_async(
+                functools.partial(self._handle_async, request)
+            )
+        return await self._handle_async(request)
+
+    async def _attempt_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        attempt = self._start_attempt(request, call)
+        try:
+            response = await self._async_transport().handle_async_request(request)
+        except Exception as exc:
+            self._attempt_failed(attempt, call, exc)
+            raise
+        except BaseException:
+            self._attempt_cancelled(attempt)
+            raise
+        self._attempt_answered(attempt, call, request, response)
+        return response
+
+    async def _round_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        if self.hedge is None:
+            return await self._attempt_async(request, call)
+        loop = _get_running_loop()
+        delay = self._hedge_delay(request, call, allowed=loop is not None or self.hedge.trio)
+        if delay is None:
+            return await self._attempt_async(request, call)
+        if loop is not None:
+            return await _AsyncioRace(self, request, call, delay, loop).run()
+        return await self._race_anyio(request, call, delay)
+
+    async def _race_anyio(
+        self, request: httpx.Request, call: _Call, delay: float
+    ) -> httpx.Response:
+        """The same race on any anyio backend (trio), in a task group."""
+        assert self.hedge is not None
+        winner: list[httpx.Response] = []
+        outcomes: list[httpx.Response | Exception] = []
+        changed = anyio.Event()
+
+        async def run(req: httpx.Request, tg: anyio.abc.TaskGroup) -> None:
+            nonlocal changed
+            try:
+                response = await self._attempt_async(req, call)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                if not winner and self._good(response):
+                    winner.append(response)
+                    tg.cancel_scope.cancel()
+                    return
+                outcomes.append(response)
+            changed.set()
+            changed = anyio.Event()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, request, tg)
+            launched = 1
+            while launched <= self.hedge.max_hedges:
+                with anyio.move_on_after(delay):
+                    await changed.wait()
+                if winner or len(outcomes) == launched:
+                    break  # decided, or every attempt so far has failed: let the retry loop act
+                if not self._may_hedge(request, launched, delay * launched):
+                    break
+                tg.start_soon(run, _clone(request), tg)
+                launched += 1
+        responses = [o for o in outcomes if isinstance(o, httpx.Response)]
+        if winner:
+            for extra in responses:
+                await extra.aclose()
+            return winner[0]
+        if responses:
+            for extra in responses[:-1]:
+                await extra.aclose()
+            return responses[-1]
+        failure = outcomes[-1]
+        assert isinstance(failure, Exception)
+        raise failure
+
+    async def _handle_async(self, request: httpx.Request) -> httpx.Response:
+        call = self._begin(request)
+        failure: Exception | None = None
+        while True:
+            call.attempt += 1
+            try:
+                response = await self._round_async(request, call)
+            except CircuitOpenError as exc:
+                self._rejected(request, exc)
+                stale = self._degraded(request, exc)
+                if stale is not None:
+                    return stale
+                if failure is not None:  # the breaker opened between attempts: the real error
+                    add_note(failure, f"resilient: not retried: {exc}")
+                    raise failure from None
+                raise
+            except Exception as exc:
+                failure = exc
+                decision = self._decide(request, call, exc=exc)
+                if isinstance(decision, str):
+                    self._gave_up(request, call, decision, exc)
+                    stale = self._degraded(request, exc)
+                    if stale is not None:
+                        return stale
+                    raise
+                self._scheduled(request, call, decision, exc, None)
+                await self._clock.sleep_async(decision)
+                continue
+            decision = self._decide(request, call, response=response)
+            if isinstance(decision, str):
+                self._gave_up(request, call, decision, None)
+                stale = self._degraded(request, response)
+                if stale is not None:
+                    await response.aclose()
+                    return stale
+                return self._finish(request, call, response)
+            self._scheduled(request, call, decision, None, response)
+            await response.aclose()
+            await self._clock.sleep_async(decision)
+
+    async def aclose(self) -> None:
+        if self._async_inner is not None:
+            await self._async_inner.aclose()
+        elif isinstance(self._inner, httpx.AsyncBaseTransport):
+            await self._inner.aclose()
+
+    async def __aenter__(self) -> ResilientTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,1 @@
+"""One module per pattern; the public names are re-exported from `resilient`."""

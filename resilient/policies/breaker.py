@@ -1,0 +1,600 @@
+"""Circuit breaker: stop calling a dependency that is failing, probe it, resume when it recovers.
+
+States and moves::
+
+    closed ──(failure rate ≥ threshold over the window with ≥ min_calls,
+    │         or N consecutive failures, or slow-call rate ≥ threshold)──► open
+    open ──(open_for elapsed; the next try_acquire)──► half_open
+    half_open ──(half_open_probes successes)──► closed
+    half_open ──(any probe fails or is slow)──► open, for longer (×multiplier, up to max_open_for)
+
+The breaker never holds its lock across the wrapped call: it decides under the lock, the call runs
+unlocked, and the outcome is recorded under the lock again. Half-open admits exactly
+``half_open_probes`` concurrent calls; a cancelled call gives its permit back and counts as neither
+success nor failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from resilient._clock import Clock
+from resilient._errors import CircuitOpenError
+from resilient._policy import Policy
+from resilient.events import CallRejected, CircuitStateChanged, Hook, emit
+from resilient.policies._common import (
+    ExceptionMatcher,
+    check_count,
+    check_fraction,
+    check_positive,
+    compile_matcher,
+    resolve_clock,
+)
+from resilient.policies._windows import CountWindow, TimeWindow
+
+if TYPE_CHECKING:
+    import pybreaker
+
+__all__ = ["CircuitBreaker"]
+
+T = TypeVar("T")
+State = Literal["closed", "open", "half_open"]
+
+CLOSED: State = "closed"
+OPEN: State = "open"
+HALF_OPEN: State = "half_open"
+
+_PYBREAKER_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half-open"}
+_FROM_PYBREAKER: dict[str, State] = {"closed": CLOSED, "open": OPEN, "half-open": HALF_OPEN}
+
+#: Returned by ``_acquire`` when the call is refused.
+REJECTED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class _StateView:
+    """What pybreaker listeners receive as ``old_state`` / ``new_state``: they read ``.name``."""
+
+    name: str
+
+
+class _Runtime:
+    """The breaker's mutable state; every write happens under ``lock``."""
+
+    __slots__ = (
+        "consecutive",
+        "generation",
+        "lock",
+        "open_until",
+        "opened_for",
+        "probe_successes",
+        "probes_in_flight",
+        "state",
+        "streak",
+        "window",
+    )
+
+    def __init__(self, window: TimeWindow | CountWindow) -> None:
+        self.lock = threading.Lock()
+        self.state: State = CLOSED
+        self.generation = 0
+        self.window = window
+        self.consecutive = 0
+        self.open_until = 0.0
+        self.opened_for = 0.0
+        self.streak = 0
+        self.probes_in_flight = 0
+        self.probe_successes = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class CircuitBreaker(Policy):
+    """Fail fast while a dependency is failing; let a few probes through to find out when it is back.
+
+    Opens when, over the last ``window`` seconds (or the last ``window_calls`` calls), at least
+    ``min_calls`` calls were made and the share that failed is at least ``failure_rate``; or after
+    ``consecutive_failures`` failures in a row; or, with ``slow_call_duration`` set, when the share of
+    calls that slow reaches ``slow_call_rate``. Exceptions matching ``on`` are failures; other
+    exceptions mean the dependency answered, so they count as successes. ``result(value) -> True``
+    marks a returned value as a failure. Open calls raise `CircuitOpenError` at once.
+
+    Example::
+
+        payments = rs.CircuitBreaker(name="payments", failure_rate=0.5, min_calls=20)
+
+        @payments
+        def charge(order): ...
+
+        if payments.state == "open": ...
+
+    The permission protocol serves code that is not a function call (the HTTP transport, a
+    balancer)::
+
+        if breaker.try_acquire():
+            started = time.monotonic()
+            try:
+                response = send()
+            except OSError as exc:
+                breaker.on_failure(time.monotonic() - started, exc)
+                raise
+            except BaseException:
+                breaker.release()  # cancelled: neither success nor failure
+                raise
+            breaker.on_success(time.monotonic() - started)
+    """
+
+    name: str = "circuit_breaker"
+    failure_rate: float | None = 0.5
+    window: float = 10.0
+    window_calls: int | None = None
+    min_calls: int = 20
+    consecutive_failures: int | None = None
+    open_for: float = 5.0
+    open_for_multiplier: float = 2.0
+    max_open_for: float = 60.0
+    half_open_probes: int = 1
+    slow_call_duration: float | None = None
+    slow_call_rate: float = 1.0
+    on: ExceptionMatcher = Exception
+    result: Callable[[Any], bool] | None = None
+    clock: Clock | None = None
+    hooks: Sequence[Hook] = ()
+    listeners: Sequence[pybreaker.CircuitBreakerListener] = ()
+    _clock: Clock = field(init=False, repr=False)
+    _is_failure: Callable[[BaseException], bool] = field(init=False, repr=False)
+    _rt: _Runtime = field(init=False, repr=False)
+    _plain: bool = field(init=False, repr=False)
+    _storage: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.failure_rate is not None:
+            check_fraction("failure_rate", self.failure_rate)
+        if (
+            self.failure_rate is None
+            and self.consecutive_failures is None
+            and self.slow_call_duration is None
+        ):
+            raise ValueError(
+                "failure_rate=None needs consecutive_failures or slow_call_duration, "
+                "or the breaker could never open"
+            )
+        check_positive("window", self.window)
+        if self.window_calls is not None:
+            check_count("window_calls", self.window_calls)
+        check_count("min_calls", self.min_calls)
+        if self.consecutive_failures is not None:
+            check_count("consecutive_failures", self.consecutive_failures)
+        check_positive("open_for", self.open_for)
+        if not (
+            isinstance(self.open_for_multiplier, (int, float)) and self.open_for_multiplier >= 1
+        ):
+            raise ValueError(f"open_for_multiplier must be >= 1, got {self.open_for_multiplier!r}")
+        check_positive("max_open_for", self.max_open_for)
+        if self.max_open_for < self.open_for:
+            raise ValueError(
+                f"max_open_for must be >= open_for ({self.open_for!r}), got {self.max_open_for!r}"
+            )
+        check_count("half_open_probes", self.half_open_probes)
+        if self.slow_call_duration is not None:
+            check_positive("slow_call_duration", self.slow_call_duration)
+        check_fraction("slow_call_rate", self.slow_call_rate)
+        if self.result is not None and not callable(self.result):
+            raise ValueError(f"result must be a predicate, got {self.result!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        window: TimeWindow | CountWindow = (
+            CountWindow(self.window_calls)
+            if self.window_calls is not None
+            else TimeWindow(self.window)
+        )
+        object.__setattr__(self, "_clock", resolve_clock(self.clock))
+        object.__setattr__(self, "_is_failure", compile_matcher(self.on, "on"))
+        object.__setattr__(self, "_rt", _Runtime(window))
+        object.__setattr__(self, "listeners", tuple(self.listeners))
+        # Nothing but the window to update on a success: the drivers take a fast path.
+        plain = (
+            not self.listeners
+            and self._storage is None
+            and self.result is None
+            and self.slow_call_duration is None
+        )
+        object.__setattr__(self, "_plain", plain)
+        object.__setattr__(self, "hooks", tuple(self.hooks))
+
+    # -- interop --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pybreaker(cls, cb: pybreaker.CircuitBreaker, **overrides: Any) -> CircuitBreaker:
+        """Adopt a pybreaker breaker's settings, listeners, exclusions and state storage.
+
+        ``fail_max`` becomes ``consecutive_failures``, ``reset_timeout`` becomes ``open_for``
+        (not growing, as in pybreaker), ``success_threshold`` becomes ``half_open_probes``, and
+        pybreaker's state storage (memory or Redis) keeps being the shared record of the state and
+        the failure counter, so processes still on pybreaker and ones on resilient see one breaker.
+
+        Example::
+
+            legacy = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30, state_storage=redis_state)
+            breaker = rs.CircuitBreaker.from_pybreaker(legacy)
+        """
+        settings: dict[str, Any] = {
+            "name": cb.name or "circuit_breaker",
+            "failure_rate": None,
+            "consecutive_failures": cb.fail_max,
+            "open_for": float(cb.reset_timeout),
+            "open_for_multiplier": 1.0,
+            "max_open_for": float(cb.reset_timeout),
+            "half_open_probes": cb.success_threshold,
+            "on": cb.is_system_error,
+            "listeners": tuple(cb.listeners),
+            "_storage": cb._state_storage,
+        }
+        settings.update(overrides)
+        return cls(**settings)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """``"closed"``, ``"open"`` or ``"half_open"`` (an open breaker past its time reads half-open)."""
+        rt = self._rt
+        if self._storage is not None:
+            self._pull_storage()
+        if rt.state is OPEN and self._clock.monotonic() >= rt.open_until:
+            return HALF_OPEN
+        return rt.state
+
+    def retry_after(self) -> float | None:
+        """Seconds until an open breaker admits a probe; None unless open."""
+        rt = self._rt
+        if rt.state is not OPEN:
+            return None
+        return max(0.0, rt.open_until - self._clock.monotonic())
+
+    def metrics(self) -> dict[str, float]:
+        """A snapshot: calls, failures and slow calls in the window, and the failure rate."""
+        rt = self._rt
+        with rt.lock:
+            window = rt.window
+            if isinstance(window, TimeWindow):
+                calls, failures, slow = window.totals(self._clock.monotonic())
+            else:
+                calls, failures, slow = window.calls, window.failures, window.slow
+            return {
+                "calls": calls,
+                "failures": failures,
+                "slow_calls": slow,
+                "failure_rate": failures / calls if calls else 0.0,
+                "consecutive_failures": rt.consecutive,
+                "probes_in_flight": rt.probes_in_flight,
+            }
+
+    # -- the permission protocol --------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        """Ask to make one call: True if it may go ahead (then report it), False if refused."""
+        return self._acquire() != REJECTED
+
+    def release(self) -> None:
+        """Give back a permit that was not used, or whose call was cancelled: counts as nothing."""
+        self._release(None)
+
+    def on_success(self, duration: float) -> None:
+        """Report that a permitted call succeeded after ``duration`` seconds."""
+        self._success(None, duration)
+
+    def on_failure(self, duration: float, exc: BaseException | None = None) -> None:
+        """Report that a permitted call failed after ``duration`` seconds (with ``exc`` if any)."""
+        self._failure(None, duration, exc)
+
+    def reset(self) -> None:
+        """Close the breaker and forget its window (an operator's override)."""
+        with self._rt.lock:
+            change = self._close_locked()
+        self._announce(change)
+
+    def open(self) -> None:
+        """Open the breaker now, for ``open_for`` (an operator's override)."""
+        with self._rt.lock:
+            change = self._open_locked(self._clock.monotonic())
+        self._announce(change)
+
+    # Generations tell a probe's outcome from that of a call admitted in an earlier state: only the
+    # current generation's outcomes move a half-open breaker. ``None`` means "the current one",
+    # which is what callers of the public protocol get.
+
+    def _acquire(self) -> int:
+        rt = self._rt
+        if self._storage is not None:
+            self._pull_storage()
+        if rt.state is CLOSED:
+            return rt.generation
+        change = None
+        with rt.lock:
+            if rt.state is OPEN:
+                now = self._clock.monotonic()
+                if now < rt.open_until:
+                    return REJECTED
+                change = self._move_locked(HALF_OPEN)
+            if rt.state is HALF_OPEN:
+                if rt.probes_in_flight + rt.probe_successes >= self.half_open_probes:
+                    gen = REJECTED
+                else:
+                    rt.probes_in_flight += 1
+                    gen = rt.generation
+            else:
+                gen = rt.generation
+        self._announce(change)
+        return gen
+
+    def _release(self, gen: int | None) -> None:
+        rt = self._rt
+        if rt.state is CLOSED:
+            return
+        with rt.lock:
+            if rt.state is HALF_OPEN and (gen is None or gen == rt.generation):
+                rt.probes_in_flight = max(0, rt.probes_in_flight - 1)
+
+    def _success(self, gen: int | None, duration: float) -> None:
+        rt = self._rt
+        slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
+        change = None
+        with rt.lock:
+            state = rt.state
+            if state is CLOSED:
+                rt.consecutive = 0
+                if self._record_locked(failed=False, slow=slow):
+                    change = self._open_locked(self._clock.monotonic())
+            elif state is HALF_OPEN and (gen is None or gen == rt.generation):
+                rt.probes_in_flight = max(0, rt.probes_in_flight - 1)
+                if slow:
+                    change = self._open_locked(self._clock.monotonic())
+                else:
+                    rt.probe_successes += 1
+                    if rt.probe_successes >= self.half_open_probes:
+                        change = self._close_locked()
+        if self._storage is not None and change is None and rt.state is CLOSED:
+            self._storage.reset_counter()
+        self._announce(change)
+        for listener in self.listeners:
+            listener.success(self)  # type: ignore[arg-type]
+
+    def _failure(self, gen: int | None, duration: float, exc: BaseException | None) -> None:
+        rt = self._rt
+        slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
+        change = None
+        with rt.lock:
+            state = rt.state
+            if state is CLOSED:
+                rt.consecutive += 1
+                if self._storage is not None:
+                    self._storage.increment_counter()
+                    rt.consecutive = max(rt.consecutive, self._storage.counter)
+                tripped = self._record_locked(failed=True, slow=slow)
+                if tripped or (
+                    self.consecutive_failures is not None
+                    and rt.consecutive >= self.consecutive_failures
+                ):
+                    change = self._open_locked(self._clock.monotonic())
+            elif state is HALF_OPEN and (gen is None or gen == rt.generation):
+                rt.probes_in_flight = max(0, rt.probes_in_flight - 1)
+                change = self._open_locked(self._clock.monotonic())
+        self._announce(change)
+        if exc is not None:
+            for listener in self.listeners:
+                listener.failure(self, exc)  # type: ignore[arg-type]
+
+    # -- transitions (under the lock) ---------------------------------------------------------------
+
+    def _record_locked(self, *, failed: bool, slow: bool) -> bool:
+        """Add one outcome to the window; True if the window now says "open"."""
+        window = self._rt.window
+        if isinstance(window, TimeWindow):
+            window.add(self._clock.monotonic(), 1.0, float(failed), float(slow))
+        else:
+            window.add(failed, slow)
+        calls = window.calls
+        if calls < self.min_calls:
+            return False
+        if (
+            failed
+            and self.failure_rate is not None
+            and window.failures >= self.failure_rate * calls
+        ):
+            return True
+        return (
+            slow
+            and self.slow_call_duration is not None
+            and window.slow >= self.slow_call_rate * calls
+        )
+
+    def _move_locked(self, new: State) -> tuple[State, State, float | None] | None:
+        rt = self._rt
+        old = rt.state
+        if old is new:
+            return None
+        rt.state = new
+        rt.generation += 1
+        rt.probes_in_flight = 0
+        rt.probe_successes = 0
+        if self._storage is not None:
+            self._storage.state = _PYBREAKER_NAMES[new]
+        return (old, new, rt.opened_for if new is OPEN else None)
+
+    def _open_locked(self, now: float) -> tuple[State, State, float | None] | None:
+        rt = self._rt
+        was_probing = rt.state is HALF_OPEN
+        rt.streak = rt.streak + 1 if was_probing else 0
+        rt.opened_for = min(self.max_open_for, self.open_for * self.open_for_multiplier**rt.streak)
+        rt.open_until = now + rt.opened_for
+        if self._storage is not None:
+            self._storage.opened_at = datetime.now(timezone.utc)
+        if rt.state is OPEN:
+            return None
+        return self._move_locked(OPEN)
+
+    def _close_locked(self) -> tuple[State, State, float | None] | None:
+        rt = self._rt
+        rt.window.clear()
+        rt.consecutive = 0
+        rt.streak = 0
+        if self._storage is not None:
+            self._storage.reset_counter()
+        return self._move_locked(CLOSED)
+
+    def _announce(self, change: tuple[State, State, float | None] | None) -> None:
+        if change is None:
+            return
+        old, new, open_for = change
+        emit(self.hooks, CircuitStateChanged(self.name, old, new, open_for))
+        for listener in self.listeners:
+            listener.state_change(
+                self,  # type: ignore[arg-type]
+                _StateView(_PYBREAKER_NAMES[old]),  # type: ignore[arg-type]
+                _StateView(_PYBREAKER_NAMES[new]),  # type: ignore[arg-type]
+            )
+
+    def _pull_storage(self) -> None:
+        """Adopt a state another process wrote to the shared pybreaker storage."""
+        storage = self._storage
+        shared = _FROM_PYBREAKER.get(storage.state, CLOSED)
+        rt = self._rt
+        if shared is rt.state or (shared is OPEN and rt.state is HALF_OPEN):
+            return
+        change = None
+        with rt.lock:
+            if shared is OPEN and rt.state is CLOSED:
+                opened_at: datetime | None = storage.opened_at
+                now = self._clock.monotonic()
+                left = self.open_for
+                if opened_at is not None:
+                    until = opened_at + timedelta(seconds=self.open_for)
+                    left = (until - datetime.now(timezone.utc)).total_seconds()
+                rt.opened_for = self.open_for
+                rt.open_until = now + max(0.0, left)
+                change = self._move_locked(OPEN)
+            elif shared is CLOSED and rt.state is not CLOSED:
+                rt.window.clear()
+                rt.consecutive = 0
+                rt.streak = 0
+                change = self._move_locked(CLOSED)
+        self._announce(change)
+
+    # -- drivers ---------------------------------------------------------------------------------
+
+    def _reject(self) -> CircuitOpenError:
+        retry_after = self.retry_after()
+        emit(self.hooks, CallRejected(self.name, "circuit_breaker", self.state))
+        return CircuitOpenError(
+            f"circuit breaker {self.name!r} is {self.state}",
+            name=self.name,
+            retry_after=retry_after,
+        )
+
+    def _fast_success(self, gen: int) -> None:
+        """A success in the closed state can never trip the breaker: count it and go."""
+        rt = self._rt
+        lock = rt.lock
+        lock.acquire()
+        try:
+            if rt.state is CLOSED:
+                rt.consecutive = 0
+                rt.window.add_calls(self._clock.monotonic())
+                return
+        finally:
+            lock.release()
+        self._success(gen, 0.0)
+
+    def _execute(self, thunk: Callable[[], T]) -> T:
+        rt = self._rt
+        if self._plain and rt.state is CLOSED:
+            gen = rt.generation
+            try:
+                result = thunk()
+            except Exception as exc:
+                if self._is_failure(exc):
+                    self._failure(gen, 0.0, exc)
+                else:
+                    self._fast_success(gen)
+                raise
+            except BaseException:
+                self._release(gen)
+                raise
+            self._fast_success(gen)
+            return result
+        gen = self._acquire()
+        if gen == REJECTED:
+            raise self._reject()
+        if self.listeners:
+            for listener in self.listeners:
+                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        clock = self._clock
+        started = clock.monotonic()
+        try:
+            result = thunk()
+        except Exception as exc:
+            if self._is_failure(exc):
+                self._failure(gen, clock.monotonic() - started, exc)
+            else:
+                self._success(gen, clock.monotonic() - started)
+            raise
+        except BaseException:
+            self._release(gen)
+            raise
+        if self.result is not None and self.result(result):
+            self._failure(gen, clock.monotonic() - started, None)
+        else:
+            self._success(gen, clock.monotonic() - started)
+        return result
+
+    async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
+        rt = self._rt
+        if self._plain and rt.state is CLOSED:
+            gen = rt.generation
+            try:
+                result = await thunk()
+            except Exception as exc:
+                if self._is_failure(exc):
+                    self._failure(gen, 0.0, exc)
+                else:
+                    self._fast_success(gen)
+                raise
+            except BaseException:
+                self._release(gen)
+                raise
+            self._fast_success(gen)
+            return result
+        gen = self._acquire()
+        if gen == REJECTED:
+            raise self._reject()
+        if self.listeners:
+            for listener in self.listeners:
+                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        clock = self._clock
+        started = clock.monotonic()
+        try:
+            result = await thunk()
+        except Exception as exc:
+            if self._is_failure(exc):
+                self._failure(gen, clock.monotonic() - started, exc)
+            else:
+                self._success(gen, clock.monotonic() - started)
+            raise
+        except BaseException:
+            self._release(gen)
+            raise
+        if self.result is not None and self.result(result):
+            self._failure(gen, clock.monotonic() - started, None)
+        else:
+            self._success(gen, clock.monotonic() - started)
+        return result
+
+    def describe(self) -> str:
+        return (
+            f"CircuitBreaker(name={self.name!r}, failure_rate={self.failure_rate}, "
+            f"min_calls={self.min_calls}, open_for={self.open_for})"
+        )
