@@ -25,6 +25,7 @@ __all__ = ["STALE_HEADER", "StaleIfError"]
 STALE_HEADER = "X-Resilient-Stale"
 
 _STALE_IF_ERROR = re.compile(r"stale-if-error\s*=\s*\"?(\d+)", re.IGNORECASE)
+_PUBLIC = re.compile(r"(^|,)\s*public\s*(,|$)", re.IGNORECASE)
 _NO_STORE = re.compile(r"(^|,)\s*(no-store|private)\s*(,|$)", re.IGNORECASE)
 
 
@@ -89,6 +90,12 @@ class StaleIfError:
         cache_control = response.headers.get("cache-control", "")
         if _NO_STORE.search(cache_control):
             return None
+        # One transport often serves many users: an answer to an authenticated request is kept
+        # only when the server marked it public (as a shared cache must, RFC 9111 §3.5).
+        if (
+            "authorization" in request.headers or "cookie" in request.headers
+        ) and not _PUBLIC.search(cache_control):
+            return None
         match = _STALE_IF_ERROR.search(cache_control)
         return float(match.group(1)) if match else self.stale_for
 
@@ -114,7 +121,12 @@ class StaleIfError:
         """Arrange for a good GET response to be kept once the caller has read all of it."""
         if self._stale_window(request, response) is None:
             return response
-        response.stream = _Tee(self, request, response)
+        try:
+            content = response.content  # the inner transport may have read the body already
+        except httpx.ResponseNotRead:
+            response.stream = _Tee(self, request, response)
+        else:
+            self._store(request, response, content)
         return response
 
     def lookup(self, request: httpx.Request) -> httpx.Response | None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import functools
 import queue
 import random as _random
+import re
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -50,24 +50,10 @@ _get_running_loop = asyncio.events._get_running_loop  # None outside asyncio (e.
 _DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
 
 #: Keys accepted in ``request.extensions["resilient"]``.
-_OPTION_KEYS = frozenset({"attempts", "deadline", "idempotent", "retry"})
+_OPTION_KEYS = frozenset({"attempts", "deadline", "hedge", "idempotent", "retry"})
 
-_SENSITIVE_QUERY = frozenset(
-    {
-        "awsaccesskeyid",
-        "signature",
-        "sig",
-        "x-goog-signature",
-        "x-amz-signature",
-        "token",
-        "access_token",
-        "api_key",
-        "apikey",
-        "key",
-        "password",
-        "secret",
-        "client_secret",
-    }
+_SENSITIVE_QUERY_WORDS = re.compile(
+    r"token|key|secret|pass|pwd|sig|auth|credential|session|cookie|jwt", re.IGNORECASE
 )
 
 
@@ -77,7 +63,7 @@ def _url_for_telemetry(url: httpx.URL) -> str:
         url = url.copy_with(username="REDACTED", password="REDACTED")
     if url.query:
         params = [
-            (k, "REDACTED" if k.lower() in _SENSITIVE_QUERY else v)
+            (k, "REDACTED" if _SENSITIVE_QUERY_WORDS.search(k) else v)
             for k, v in url.params.multi_items()
         ]
         url = url.copy_with(params=params)
@@ -124,6 +110,46 @@ class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
             await self.inner.aclose()
 
 
+class _ReleaseOnClose(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that gives its bulkhead permit back when it is closed (once)."""
+
+    def __init__(self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, bulkhead: Bulkhead):
+        self._inner = inner
+        self._bulkhead: Bulkhead | None = bulkhead
+
+    def _release(self) -> None:
+        bulkhead, self._bulkhead = self._bulkhead, None
+        if bulkhead is not None:
+            bulkhead.release()
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._inner, httpx.SyncByteStream)
+        yield from self._inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._inner, httpx.AsyncByteStream)
+        async for chunk in self._inner:
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            if isinstance(self._inner, httpx.SyncByteStream):
+                self._inner.close()
+        finally:
+            self._release()
+
+    async def aclose(self) -> None:
+        try:
+            if isinstance(self._inner, httpx.AsyncByteStream):
+                await self._inner.aclose()
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        # A response dropped without close() must not hold its permit forever.
+        self._release()
+
+
 class _Call:
     """One request's progress through its attempts."""
 
@@ -132,6 +158,7 @@ class _Call:
         "attempts",
         "body",
         "deadline_at",
+        "hedge",
         "idempotent",
         "last_duration",
         "retry",
@@ -145,6 +172,7 @@ class _Call:
         self.body: _TrackedBody | None = None
         self.deadline_at: float | None = None
         self.idempotent = False
+        self.hedge = True
         self.last_duration = 0.0
         self.retry = True
 
@@ -383,7 +411,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     deadline unless ``deadline=`` is given.
 
     Per-request overrides go in ``request.extensions["resilient"]``: ``attempts``, ``deadline``
-    (seconds), ``idempotent`` (True/False), ``retry`` (False turns retries off).
+    (seconds), ``idempotent`` (True/False), ``retry`` (False turns retries off), ``hedge``
+    (False: never hedge this request).
 
     The final response carries ``response.extensions["resilient"]``: ``{"attempts": n,
     "stale": bool}``.
@@ -524,7 +553,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     ) -> float | None:
         """Seconds before this request's first hedge, or None if it is not to be hedged."""
         hedge = self.hedge
-        if hedge is None or not allowed or not call.idempotent or call.body is not None:
+        if hedge is None or not (allowed and call.hedge and call.idempotent):
+            return None
+        if call.body is not None:  # a streamed body cannot be sent twice
             return None
         if hedge.delay == "p95":
             p95 = self._host(request.url).latency.p95(hedge.min_samples)
@@ -567,6 +598,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 idempotent = bool(options["idempotent"])
             if "retry" in options:
                 call.retry = bool(options["retry"])
+            if "hedge" in options:
+                call.hedge = bool(options["hedge"])
         call.idempotent = (
             self.classifier.is_idempotent(request) if idempotent is None else idempotent
         )
@@ -688,7 +721,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         emit(self.hooks, RetryScheduled("http", call.attempt, delay, exc, response))
 
     def _degraded(
-        self, request: httpx.Request, outcome: BaseException | httpx.Response
+        self, request: httpx.Request, call: _Call, outcome: BaseException | httpx.Response
     ) -> httpx.Response | None:
         """The fallback's answer after every attempt failed, or None."""
         fallback = self.fallback
@@ -704,7 +737,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             stale = fallback(request, outcome)
         if stale is not None:
             self._instruments.stale.add(1, self._host(request.url).attributes)
-            stale.extensions = {**stale.extensions, "resilient": {"attempts": 0, "stale": True}}
+            stale.extensions = {
+                **stale.extensions,
+                "resilient": {"attempts": call.attempt, "stale": True},
+            }
         return stale
 
     def _finish(
@@ -823,7 +859,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _sync_transport(self) -> httpx.BaseTransport:
         inner = self._sync_inner
-        if inner is None:
+        if inner is not None:
+            return inner
+        with self._pool_lock:  # concurrent first requests must not each build a pool
+            inner = self._sync_inner
+            if inner is not None:
+                return inner
             if self._inner is None:
                 inner = httpx.HTTPTransport()
             elif isinstance(self._inner, httpx.BaseTransport):
@@ -836,9 +877,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.bulkhead is not None:
-            return self.bulkhead._execute(functools.partial(self._handle, request))
-        return self._handle(request)
+        bulkhead = self.bulkhead
+        if bulkhead is None:
+            return self._handle(request)
+        bulkhead.acquire()
+        try:
+            response = self._handle(request)
+        except BaseException:
+            bulkhead.release()
+            raise
+        # The permit is held until the caller closes the response: a streamed download is work
+        # in progress as much as the request was.
+        response.stream = _ReleaseOnClose(response.stream, bulkhead)
+        return response
 
     def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
         attempt = self._start_attempt(request, call)
@@ -954,7 +1005,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 response = self._round(request, call)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
-                stale = self._degraded(request, exc)
+                stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
                 if failure is not None:  # the breaker opened between attempts: the real error
@@ -966,7 +1017,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
-                    stale = self._degraded(request, exc)
+                    stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale
                     raise
@@ -976,7 +1027,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)
-                stale = self._degraded(request, response)
+                stale = self._degraded(request, call, response)
                 if stale is not None:
                     response.close()
                     return stale
@@ -1008,7 +1059,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _async_transport(self) -> httpx.AsyncBaseTransport:
         inner = self._async_inner
-        if inner is None:
+        if inner is not None:
+            return inner
+        with self._pool_lock:
+            inner = self._async_inner
+            if inner is not None:
+                return inner
             if self._inner is None:
                 inner = httpx.AsyncHTTPTransport()
             elif isinstance(self._inner, httpx.AsyncBaseTransport):
@@ -1021,11 +1077,17 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.bulkhead is not None:
-            return await self.bulkhead._execute_async(
-                functools.partial(self._handle_async, request)
-            )
-        return await self._handle_async(request)
+        bulkhead = self.bulkhead
+        if bulkhead is None:
+            return await self._handle_async(request)
+        await bulkhead.acquire_async()
+        try:
+            response = await self._handle_async(request)
+        except BaseException:
+            bulkhead.release()
+            raise
+        response.stream = _ReleaseOnClose(response.stream, bulkhead)
+        return response
 
     async def _attempt_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
         attempt = self._start_attempt(request, call)
@@ -1109,7 +1171,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 response = await self._round_async(request, call)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
-                stale = self._degraded(request, exc)
+                stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
                 if failure is not None:  # the breaker opened between attempts: the real error
@@ -1121,7 +1183,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
-                    stale = self._degraded(request, exc)
+                    stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale
                     raise
@@ -1131,7 +1193,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)
-                stale = self._degraded(request, response)
+                stale = self._degraded(request, call, response)
                 if stale is not None:
                     await response.aclose()
                     return stale

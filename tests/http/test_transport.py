@@ -821,12 +821,6 @@ async def test_bulkhead_rejects_calls_beyond_max_concurrent_async(
     assert fleet[0].counts().total == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _sync_transport() builds the default inner transport lazily without a lock: "
-    "concurrent first requests each build an httpx.HTTPTransport and all but one are dropped "
-    "unclosed, leaking their connections (ResourceWarning: unclosed socket)",
-)
 def test_concurrent_first_requests_share_one_default_inner_transport(
     fleet: Fleet, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -861,23 +855,54 @@ def test_concurrent_first_requests_share_one_default_inner_transport(
     assert len(created) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the bulkhead permit is released when the headers arrive, not when the "
-    "response is closed, so streamed downloads run beyond max_concurrent",
-)
 def test_bulkhead_permit_is_held_while_a_streamed_response_is_open(
     fleet: Fleet, clock: FakeClock
 ) -> None:
     bulkhead = rs.Bulkhead(max_concurrent=1)
     transport = rs.ResilientTransport(clock=clock, bulkhead=bulkhead)
+    url = fleet.urls[0] + "/big?body_bytes=100000"
     with httpx.Client(transport=transport) as client:
-        with client.stream("GET", fleet.urls[0] + "/big?body_bytes=100000") as response:
-            assert bulkhead.statistics().in_use == 1
+        with client.stream("GET", url) as response:
+            assert response.status_code == 200
+            assert bulkhead.statistics().in_use == 1  # the download is still work in progress
             with pytest.raises(rs.BulkheadFullError):
                 client.get(fleet.urls[0] + "/x")
-            response.read()
+        assert bulkhead.statistics().in_use == 0  # closed unread: the permit is back
+        assert client.get(fleet.urls[0] + "/x").status_code == 200
+    assert bulkhead.statistics().in_use == 0
+    assert fleet[0].counts().total == 2
+
+
+@pytest.mark.anyio
+async def test_bulkhead_permit_is_held_while_a_streamed_response_is_open_async(
+    fleet: Fleet, clock: FakeClock
+) -> None:
+    bulkhead = rs.Bulkhead(max_concurrent=1)
+    transport = rs.ResilientTransport(clock=clock, bulkhead=bulkhead)
+    url = fleet.urls[0] + "/big?body_bytes=100000"
+    async with httpx.AsyncClient(transport=transport) as client:
+        async with client.stream("GET", url) as response:
+            assert bulkhead.statistics().in_use == 1
+            with pytest.raises(rs.BulkheadFullError):
+                await client.get(fleet.urls[0] + "/x")
+            assert len(await response.aread()) == 100_000
         assert bulkhead.statistics().in_use == 0
+        assert (await client.get(fleet.urls[0] + "/x")).status_code == 200
+    assert bulkhead.statistics().in_use == 0
+
+
+def test_bulkhead_permit_comes_back_when_every_attempt_fails(
+    fleet: Fleet, clock: FakeClock
+) -> None:
+    bulkhead = rs.Bulkhead(max_concurrent=1)
+    transport = rs.ResilientTransport(clock=clock, bulkhead=bulkhead, breaker=None)
+    fleet[0].go_down()
+    with httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            with pytest.raises(httpx.ConnectError):
+                client.get(fleet.urls[0] + "/x")
+            assert bulkhead.statistics().in_use == 0
+    assert bulkhead.statistics().rejected_total == 0
 
 
 # --- telemetry --------------------------------------------------------------------------------
@@ -998,11 +1023,6 @@ def test_credentials_never_reach_spans_or_logs(
         assert secret not in logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: url.full redacts only an exact list of query keys; refresh_token, "
-    "X-Amz-Security-Token and private_token go out in clear",
-)
 def test_url_full_redacts_every_secret_looking_query_parameter(
     fleet: Fleet, clock: FakeClock
 ) -> None:
