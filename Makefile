@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,cli,peers]'
+	$(BIN)/python -m pip install --quiet -e '.[test,cli,peers,zookeeper,dns,redis]'
 	touch $@
 
 ## The whole test suite: lint, type check, tests.

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from resilient import events, http, telemetry, testing
+from resilient import balancing, discovery, events, http, telemetry, testing
 from resilient._clock import Clock, SystemClock
 from resilient._deadline import time_left
 from resilient._errors import (
@@ -65,6 +65,8 @@ __all__ = [
     "SystemClock",
     "Timeout",
     "add_hook",
+    "balancing",
+    "discovery",
     "events",
     "http",
     "remove_hook",

@@ -44,7 +44,13 @@ GiveUpReason = Literal["attempts", "deadline", "budget", "stop"]
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """Base of every event: ``policy`` is the kind of policy, ``name`` the instance's name."""
+    """Base of every event: ``policy`` is the kind of policy, ``name`` the instance's name.
+
+    Example::
+
+        def hook(event: rs.events.Event) -> None:
+            print(event.policy, event.kind, event.name)
+    """
 
     kind: ClassVar[str] = "event"
     policy: ClassVar[str] = "policy"
@@ -53,7 +59,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class RetryScheduled(Event):
-    """Attempt ``attempt`` failed; the next starts after ``wait`` seconds."""
+    """Attempt ``attempt`` failed; the next starts after ``wait`` seconds.
+
+    Example::
+
+        if isinstance(event, rs.events.RetryScheduled):
+            metrics.retries.inc(); log.info("retry %d in %.2f s", event.attempt, event.wait)
+    """
 
     kind: ClassVar[str] = "retry_scheduled"
     policy: ClassVar[str] = "retry"
@@ -65,7 +77,13 @@ class RetryScheduled(Event):
 
 @dataclass(frozen=True, slots=True)
 class RetryGaveUp(Event):
-    """Retrying stopped after ``attempts`` attempts because of ``reason``."""
+    """Retrying stopped after ``attempts`` attempts because of ``reason``.
+
+    Example::
+
+        if isinstance(event, rs.events.RetryGaveUp) and event.reason == "budget":
+            alert("retry budget exhausted")
+    """
 
     kind: ClassVar[str] = "retry_gave_up"
     policy: ClassVar[str] = "retry"
@@ -76,7 +94,13 @@ class RetryGaveUp(Event):
 
 @dataclass(frozen=True, slots=True)
 class CircuitStateChanged(Event):
-    """The breaker moved from ``old`` to ``new``; ``open_for`` is set when it opened."""
+    """The breaker moved from ``old`` to ``new``; ``open_for`` is set when it opened.
+
+    Example::
+
+        if isinstance(event, rs.events.CircuitStateChanged) and event.new == "open":
+            page(f"{event.name} opened for {event.open_for} s")
+    """
 
     kind: ClassVar[str] = "circuit_state_changed"
     policy: ClassVar[str] = "circuit_breaker"
@@ -87,7 +111,13 @@ class CircuitStateChanged(Event):
 
 @dataclass(frozen=True, slots=True)
 class CallRejected(Event):
-    """A policy refused a call before it started; ``rejected_by`` is the policy kind."""
+    """A policy refused a call before it started; ``rejected_by`` is the policy kind.
+
+    Example::
+
+        if isinstance(event, rs.events.CallRejected):
+            shed[event.rejected_by] += 1
+    """
 
     kind: ClassVar[str] = "call_rejected"
     rejected_by: str
@@ -101,7 +131,13 @@ class CallRejected(Event):
 
 @dataclass(frozen=True, slots=True)
 class HedgeLaunched(Event):
-    """Hedge number ``hedge`` (1 = the first extra attempt) started ``after`` seconds in."""
+    """Hedge number ``hedge`` (1 = the first extra attempt) started ``after`` seconds in.
+
+    Example::
+
+        if isinstance(event, rs.events.HedgeLaunched):
+            hedges.inc()
+    """
 
     kind: ClassVar[str] = "hedge_launched"
     policy: ClassVar[str] = "hedge"
@@ -111,7 +147,13 @@ class HedgeLaunched(Event):
 
 @dataclass(frozen=True, slots=True)
 class TimedOut(Event):
-    """A call was cut (async) or found late (sync) after ``timeout`` seconds."""
+    """A call was cut (async) or found late (sync) after ``timeout`` seconds.
+
+    Example::
+
+        if isinstance(event, rs.events.TimedOut):
+            log.warning("%s cut after %.3f s", event.name, event.timeout)
+    """
 
     kind: ClassVar[str] = "timed_out"
     policy: ClassVar[str] = "timeout"
@@ -120,7 +162,13 @@ class TimedOut(Event):
 
 @dataclass(frozen=True, slots=True)
 class FallbackUsed(Event):
-    """The fallback replaced a failure (``exception``) with its own answer."""
+    """The fallback replaced a failure (``exception``) with its own answer.
+
+    Example::
+
+        if isinstance(event, rs.events.FallbackUsed):
+            degraded.inc()
+    """
 
     kind: ClassVar[str] = "fallback_used"
     policy: ClassVar[str] = "fallback"
@@ -128,7 +176,12 @@ class FallbackUsed(Event):
 
 
 class Hook(Protocol):
-    """Anything called with each event: a function, a bound method, ``list.append``."""
+    """Anything called with each event: a function, a bound method, ``list.append``.
+
+    Example::
+
+        rs.Retry(on=OSError, hooks=[print])  # any callable taking an event
+    """
 
     def __call__(self, event: Event, /) -> object: ...
 
@@ -162,7 +215,12 @@ def remove_hook(hook: Hook) -> None:
 
 
 def emit(hooks: Sequence[Hook], event: Event) -> None:
-    """Hand ``event`` to the policy's hooks, then to the global ones; a failing hook is logged."""
+    """Hand ``event`` to the policy's hooks, then to the global ones; a failing hook is logged.
+
+    Example::
+
+        emit(self.hooks, RetryScheduled(self.name, attempt, wait))  # inside a policy
+    """
     for hook in (*hooks, *_global_hooks):
         try:
             hook(event)

@@ -3,26 +3,52 @@ from __future__ import annotations
 import inspect
 
 import resilient as rs
+import resilient.balancing
+import resilient.discovery
 import resilient.events
+import resilient.http
+import resilient.telemetry
 import resilient.testing
+
+MODULES = (
+    rs,
+    resilient.balancing,
+    resilient.discovery,
+    resilient.events,
+    resilient.http,
+    resilient.telemetry,
+    resilient.testing,
+)
+
+
+def _isort_style(name: str) -> tuple[int, str]:
+    # ruff's RUF022 order: CONSTANTS, then Classes, then functions and modules
+    if name.isupper():
+        return (0, name)
+    return (1, name) if name[:1].isupper() else (2, name)
 
 
 def test_all_is_sorted_and_complete() -> None:
-    for module in (rs, resilient.events, resilient.testing):
+    for module in MODULES:
         names = module.__all__
-        assert names == sorted(names), module.__name__
+        assert names == sorted(names, key=_isort_style), module.__name__
         for name in names:
             assert hasattr(module, name), f"{module.__name__}.{name}"
 
 
 def test_public_names_have_docstrings_with_an_example() -> None:
-    for name in rs.__all__:
-        obj = getattr(rs, name)
-        if inspect.ismodule(obj):
-            assert obj.__doc__, name
-            continue
-        doc = inspect.getdoc(obj) or ""
-        assert "Example" in doc or ">>>" in doc, f"{name} needs a docstring with an example"
+    for module in MODULES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.ismodule(obj):
+                assert obj.__doc__, name
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue  # constants
+            doc = inspect.getdoc(obj) or ""
+            assert "Example" in doc or ">>>" in doc, (
+                f"{module.__name__}.{name} needs a docstring with an example"
+            )
 
 
 def test_exception_tree() -> None:

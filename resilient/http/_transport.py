@@ -19,7 +19,7 @@ import random as _random
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
@@ -33,7 +33,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from resilient._clock import Clock
 from resilient._deadline import _DEADLINE
-from resilient._errors import CircuitOpenError
+from resilient._errors import CircuitOpenError, NoHealthyEndpoints
+from resilient.balancing._replica import LatencyWindow, Replica
+from resilient.balancing._service import (
+    ReplicaStatistics,
+    Service,
+    ServiceRuntime,
+    default_replica_breaker,
+)
+from resilient.discovery._base import Discovery
+from resilient.discovery.static import Static
 from resilient.events import HedgeLaunched, Hook, RetryGaveUp, RetryScheduled, emit
 from resilient.http._cache import StaleIfError
 from resilient.http._classify import Classifier
@@ -161,8 +170,11 @@ class _Call:
         "hedge",
         "idempotent",
         "last_duration",
+        "logical",
         "retry",
         "sent",
+        "service",
+        "tried",
     )
 
     def __init__(self) -> None:
@@ -174,6 +186,9 @@ class _Call:
         self.idempotent = False
         self.hedge = True
         self.last_duration = 0.0
+        self.service: ServiceRuntime | None = None
+        self.logical: httpx.URL | None = None
+        self.tried: list[Replica] = []
         self.retry = True
 
 
@@ -182,7 +197,8 @@ class _Attempt:
     breaker: CircuitBreaker | None
     gen: int
     span: trace.Span | None
-    host: _Host
+    latency: LatencyWindow
+    replica: Replica | None
     started: float
 
 
@@ -235,37 +251,6 @@ class Hedging:
         check_count("max_workers", self.max_workers, minimum=2)
 
 
-class _Latency:
-    """Recent successful latencies of one host, and their 95th percentile."""
-
-    __slots__ = ("_i", "_p95", "_samples", "_size", "_stale")
-
-    def __init__(self, size: int = 512) -> None:
-        self._samples: list[float] = []
-        self._size = size
-        self._i = 0
-        self._p95: float | None = None
-        self._stale = 0
-
-    def add(self, seconds: float) -> None:
-        if len(self._samples) < self._size:
-            self._samples.append(seconds)
-        else:
-            self._samples[self._i] = seconds
-            self._i = (self._i + 1) % self._size
-        self._stale += 1
-
-    def p95(self, min_samples: int) -> float | None:
-        samples = self._samples
-        if len(samples) < min_samples:
-            return None
-        if self._p95 is None or self._stale >= 32:  # re-sorted every 32 samples, not every call
-            ordered = sorted(samples)
-            self._p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-            self._stale = 0
-        return self._p95
-
-
 class _Host:
     """What the transport keeps per host: its breaker, its latencies, its telemetry attributes."""
 
@@ -274,8 +259,8 @@ class _Host:
     def __init__(self, name: str, breaker: CircuitBreaker | None) -> None:
         self.name = name
         self.breaker = breaker
-        self.latency = _Latency()
-        self.attributes = {"server.address": name.rpartition(":")[0]}
+        self.latency = LatencyWindow()
+        self.attributes: dict[str, str | int] = {"server.address": name.rpartition(":")[0]}
 
 
 def _clone(request: httpx.Request) -> httpx.Request:
@@ -435,6 +420,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         *,
+        services: Mapping[str, Discovery | Service | Sequence[str]] | None = None,
         attempts: int = 3,
         deadline: float | None = None,
         attempt_timeout: float | None = None,
@@ -490,7 +476,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         )
         self.bulkhead = bulkhead
         self.hedge: Hedging | None = Hedging() if hedge is _DEFAULT else hedge
-        self._latencies: dict[str, _Latency] = {}
+        self._latencies: dict[str, LatencyWindow] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.classifier = classifier or Classifier()
@@ -499,6 +485,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.hooks = tuple(hooks)
         self._rand = random or _random.random
         self._hosts: dict[tuple[bytes, int | None], _Host] = {}
+        self._services: dict[str, ServiceRuntime] = {}
+        for name, spec in (services or {}).items():
+            self._services[name.lower()] = self._service_runtime(name, spec)
         self._shared_breaker: CircuitBreaker | None = None
         self._breaker_factory: Callable[[str], CircuitBreaker] | None = None
         if breaker is _DEFAULT:
@@ -524,6 +513,41 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         )
 
     # -- configuration ------------------------------------------------------------------------------
+
+    def _service_runtime(
+        self, name: str, spec: Discovery | Service | Sequence[str]
+    ) -> ServiceRuntime:
+        if not isinstance(name, str) or not name or ("." in name and name.endswith(".")):
+            raise ValueError(f"services keys must be host names, got {name!r}")
+        if isinstance(spec, Service):
+            service = spec
+        elif isinstance(spec, Discovery):
+            service = Service(discovery=spec)
+        elif isinstance(spec, Sequence) and not isinstance(spec, str):
+            service = Service(discovery=Static(spec))
+        else:
+            raise ValueError(
+                f"services[{name!r}] must be a discovery source, a Service or a list of URLs, "
+                f"got {spec!r}"
+            )
+        service.discovery.start()
+        return ServiceRuntime(
+            name,
+            service,
+            clock=self._clock,
+            hooks=self.hooks,
+            default_breaker=default_replica_breaker,
+        )
+
+    def statistics(self) -> dict[str, list[ReplicaStatistics]]:
+        """Per logical service, each replica's state, in-flight requests, latency and outcomes.
+
+        Example::
+
+            for replica in transport.statistics()["orders"]:
+                print(replica.url, replica.state, replica.in_flight, replica.ewma_ms)
+        """
+        return {name: runtime.statistics() for name, runtime in self._services.items()}
 
     def _default_breaker(self, host: str) -> CircuitBreaker:
         return CircuitBreaker(name=f"http:{host}", clock=self._clock, hooks=self.hooks)
@@ -558,9 +582,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if call.body is not None:  # a streamed body cannot be sent twice
             return None
         if hedge.delay == "p95":
-            p95 = self._host(request.url).latency.p95(hedge.min_samples)
+            p95 = self._latency(request, call).p95(hedge.min_samples)
             return None if p95 is None else max(hedge.min_delay, p95)
         return hedge.delay
+
+    def _latency(self, request: httpx.Request, call: _Call) -> LatencyWindow:
+        """Latencies that predict this request's: its service's, or its host's."""
+        if call.service is not None:
+            return call.service.latency
+        return self._host(request.url).latency
 
     def _may_hedge(self, request: httpx.Request, number: int, after: float) -> bool:
         """Take a budget token for hedge ``number`` and report it; False if there is none."""
@@ -615,6 +645,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not isinstance(request.stream, httpx.ByteStream):
             call.body = _TrackedBody(request.stream)
             request.stream = call.body
+        if self._services:
+            url = request.url
+            service = self._services.get(url.host) if url.port is None else None
+            if service is not None:
+                call.service = service
+                call.logical = url
         if self.budget is not None:
             self.budget.deposit()
         return call
@@ -667,9 +703,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 return "body_sent"
         if not call.retry:
             return "retry_off"
-        breaker = self._host(request.url).breaker
-        if breaker is not None and breaker.state == "open":
-            return "breaker_open"
+        if call.service is None:  # a service's retry goes to another replica instead
+            breaker = self._host(request.url).breaker
+            if breaker is not None and breaker.state == "open":
+                return "breaker_open"
         if call.attempt >= call.attempts:
             return "attempts"
         delay: float | None = None
@@ -792,16 +829,88 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     # -- one attempt: what both drivers do around the inner transport ----------------------------
 
+    def _choose(self, request: httpx.Request, call: _Call) -> tuple[Replica, int]:
+        """Pick a replica of the request's service, route the request to it, take its permit.
+
+        A replica whose breaker refuses (its half-open probes are all out) is passed over for
+        another; in panic mode, if every candidate refuses, the request goes without a permit.
+        """
+        service = call.service
+        assert service is not None
+        assert call.logical is not None
+        skipped: list[Replica] = []
+        while True:
+            replica = service.pick((*call.tried, *skipped))
+            if replica is None:
+                if skipped and service.panic:
+                    replica = skipped[0]
+                    gen = REJECTED
+                    break
+                raise NoHealthyEndpoints(
+                    f"service {service.name!r} has no replica to send to "
+                    f"({len(service.replicas)} known)",
+                    name=service.name,
+                )
+            breaker = replica.breaker
+            gen = breaker._acquire() if breaker is not None else 0
+            if gen != REJECTED:
+                break
+            skipped.append(replica)
+            if len(skipped) >= len(service.replicas):
+                if not service.panic:
+                    raise (
+                        breaker._reject()
+                        if breaker is not None
+                        else NoHealthyEndpoints(
+                            f"service {service.name!r}: every replica refused", name=service.name
+                        )
+                    )
+                gen = REJECTED
+                break
+        call.tried.append(replica)
+        self._route(request, call.logical, replica, service)
+        return replica, gen
+
+    @staticmethod
+    def _route(
+        request: httpx.Request, logical: httpx.URL, replica: Replica, service: ServiceRuntime
+    ) -> None:
+        """Point the request at a replica: its scheme, host, port and path prefix."""
+        base = replica.base
+        raw_path = logical.raw_path
+        prefix = base.raw_path.rstrip(b"/")
+        if prefix:
+            raw_path = prefix + raw_path
+        request.url = logical.copy_with(
+            scheme=base.scheme, host=base.host, port=base.port, raw_path=raw_path
+        )
+        server_name = service.service.tls_server_name
+        if server_name:
+            request.headers["Host"] = server_name
+            request.extensions = {**request.extensions, "sni_hostname": server_name}
+        else:
+            request.headers["Host"] = base.netloc.decode("ascii")
+
     def _start_attempt(self, request: httpx.Request, call: _Call) -> _Attempt:
-        host = self._host(request.url)
-        breaker = host.breaker
-        gen = 0
-        if breaker is not None:
-            gen = breaker._acquire()
-            if gen == REJECTED:
-                raise breaker._reject()
+        replica: Replica | None = None
+        if call.service is not None:
+            replica, gen = self._choose(request, call)
+            breaker = replica.breaker
+            latency = call.service.latency
+            attributes = replica.attributes
+            replica.in_flight += 1
+        else:
+            host = self._host(request.url)
+            breaker = host.breaker
+            gen = 0
+            if breaker is not None:
+                gen = breaker._acquire()
+                if gen == REJECTED:
+                    raise breaker._reject()
+            latency = host.latency
+            attributes = host.attributes
         self._prepare(request, call)
-        self._instruments.attempts.add(1, host.attributes)
+        self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
         if self._tracer_given or not isinstance(
             trace.get_tracer_provider(), trace.ProxyTracerProvider
@@ -814,7 +923,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             else:
                 span.end()
                 span = None
-        return _Attempt(breaker, gen, span, host, self._clock.monotonic())
+        return _Attempt(breaker, gen, span, latency, replica, self._clock.monotonic())
 
     def _attempt_failed(self, attempt: _Attempt, call: _Call, exc: Exception) -> None:
         call.last_duration = duration = self._clock.monotonic() - attempt.started
@@ -822,8 +931,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if span is not None:
             self._span_outcome(span, None, exc)
             span.end()
+        replica = attempt.replica
+        if replica is not None:
+            replica.in_flight -= 1
+            replica.failures += 1
         breaker = attempt.breaker
-        if breaker is not None:
+        if breaker is not None and attempt.gen != REJECTED:
             if self.classifier.exception_kind(exc) == "not_retryable":
                 breaker._release(attempt.gen)
             else:
@@ -832,7 +945,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _attempt_cancelled(self, attempt: _Attempt) -> None:
         if attempt.span is not None:
             attempt.span.end()
-        if attempt.breaker is not None:
+        if attempt.replica is not None:
+            attempt.replica.in_flight -= 1
+        if attempt.breaker is not None and attempt.gen != REJECTED:
             attempt.breaker._release(attempt.gen)
 
     def _attempt_answered(
@@ -844,10 +959,18 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._span_outcome(span, response, None)
             span.end()
         failed = self.classifier.is_failure(response.status_code)
+        replica = attempt.replica
+        if replica is not None:
+            replica.in_flight -= 1
+            if failed:
+                replica.failures += 1
+            else:
+                replica.successes += 1
+                replica.observe(duration, attempt.started + duration)
         if not failed:
-            attempt.host.latency.add(duration)
+            attempt.latency.add(duration)
         breaker = attempt.breaker
-        if breaker is not None:
+        if breaker is not None and attempt.gen != REJECTED:
             if failed:
                 breaker._failure(attempt.gen, duration, None)
             elif breaker._plain:
@@ -1036,7 +1159,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             response.close()  # a discarded attempt gives its connection back to the pool
             self._clock.sleep(decision)
 
+    def _close_services(self) -> None:
+        for runtime in self._services.values():
+            runtime.service.discovery.close()
+
     def close(self) -> None:
+        self._close_services()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         if self._sync_inner is not None:
@@ -1203,6 +1331,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             await self._clock.sleep_async(decision)
 
     async def aclose(self) -> None:
+        self._close_services()
         if self._async_inner is not None:
             await self._async_inner.aclose()
         elif isinstance(self._inner, httpx.AsyncBaseTransport):

@@ -1,0 +1,244 @@
+"""Balancers: small pure picks over an immutable tuple of replicas.
+
+A pick skips replicas already tried by this request and, unless the service is in panic mode,
+replicas that are ejected or unhealthy. Picks sample a bounded number of random candidates, so they
+cost the same with 10 replicas or 10,000; only when most replicas are unavailable does a pick fall
+back to one scan of the list.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random as _random
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
+
+from resilient.balancing._replica import Replica
+
+__all__ = ["Balancer", "LeastRequests", "PowerOfTwo", "Random", "RoundRobin", "Weighted"]
+
+#: Random candidates drawn before falling back to a scan.
+_SAMPLES = 4
+
+
+class Balancer(Protocol):
+    """Chooses a replica for one attempt.
+
+    Example::
+
+        class First:
+            def pick(self, replicas, tried, panic, now):
+                return next((r for r in replicas if r not in tried), None)
+    """
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        """A replica not in ``tried`` and, unless ``panic``, available at ``now``
+        (`Replica.available`); None if there is none."""
+        ...
+
+
+def _usable(replica: Replica, tried: Collection[Replica], panic: bool, now: float) -> bool:
+    if replica in tried:
+        return False
+    return panic or (replica.ejected_until <= now and not replica.unhealthy)
+
+
+def _scan(
+    replicas: Sequence[Replica],
+    tried: Collection[Replica],
+    panic: bool,
+    now: float,
+    key: Callable[[Replica], float] | None = None,
+) -> Replica | None:
+    usable = [r for r in replicas if _usable(r, tried, panic, now)]
+    if not usable:
+        return None
+    return min(usable, key=key) if key is not None else usable[0]
+
+
+class PowerOfTwo:
+    """Power of two choices over peak-EWMA latency × in-flight requests (Finagle's default).
+
+    Two replicas are drawn at random and the cheaper is chosen: load spreads almost as well as
+    with a full scan, at the cost of two draws.
+
+    Example::
+
+        rs.balancing.PowerOfTwo(random=random.Random(7).random)
+    """
+
+    __slots__ = ("_rand",)
+
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        self._rand = random or _random.random
+
+    def __repr__(self) -> str:
+        return "PowerOfTwo()"
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        n = len(replicas)
+        if n == 0:
+            return None
+        if n == 1:
+            only = replicas[0]
+            return only if _usable(only, tried, panic, now) else None
+        rand = self._rand
+        for _ in range(_SAMPLES):
+            i = int(rand() * n)
+            j = (i + 1 + int(rand() * (n - 1))) % n  # a distinct second draw
+            a, b = replicas[i], replicas[j]
+            ok_a, ok_b = _usable(a, tried, panic, now), _usable(b, tried, panic, now)
+            if ok_a and ok_b:
+                return a if a.cost(now) <= b.cost(now) else b
+            if ok_a:
+                return a
+            if ok_b:
+                return b
+        return _scan(replicas, tried, panic, now, lambda r: r.cost(now))
+
+
+class LeastRequests:
+    """Power of two choices over in-flight requests alone (Envoy's least-request).
+
+    Example::
+
+        rs.balancing.LeastRequests()
+    """
+
+    __slots__ = ("_rand",)
+
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        self._rand = random or _random.random
+
+    def __repr__(self) -> str:
+        return "LeastRequests()"
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        n = len(replicas)
+        if n == 0:
+            return None
+        rand = self._rand
+        for _ in range(_SAMPLES):
+            a = replicas[int(rand() * n)]
+            b = replicas[int(rand() * n)]
+            ok_a, ok_b = _usable(a, tried, panic, now), _usable(b, tried, panic, now)
+            if ok_a and ok_b:
+                return a if a.in_flight <= b.in_flight else b
+            if ok_a:
+                return a
+            if ok_b:
+                return b
+        return _scan(replicas, tried, panic, now, lambda r: float(r.in_flight))
+
+
+class Random:
+    """Uniformly at random.
+
+    Example::
+
+        rs.balancing.Random(random=random.Random(1).random)
+    """
+
+    __slots__ = ("_rand",)
+
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        self._rand = random or _random.random
+
+    def __repr__(self) -> str:
+        return "Random()"
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        n = len(replicas)
+        if n == 0:
+            return None
+        for _ in range(_SAMPLES):
+            candidate = replicas[int(self._rand() * n)]
+            if _usable(candidate, tried, panic, now):
+                return candidate
+        return _scan(replicas, tried, panic, now)
+
+
+class RoundRobin:
+    """Each replica in turn, skipping those that may not be used.
+
+    Example::
+
+        rs.balancing.RoundRobin()
+    """
+
+    __slots__ = ("_counter", "_lock")
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return "RoundRobin()"
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        n = len(replicas)
+        if n == 0:
+            return None
+        start = next(self._counter)  # itertools.count is atomic under the GIL
+        for k in range(min(n, _SAMPLES)):
+            candidate = replicas[(start + k) % n]
+            if _usable(candidate, tried, panic, now):
+                return candidate
+        return _scan(replicas, tried, panic, now)
+
+
+class Weighted:
+    """At random in proportion to each replica's ``Endpoint.weight`` (DNS SRV weights, payloads).
+
+    The cumulative weights are computed once per list of replicas (the list is rebuilt only when
+    membership changes), so a pick is one binary search.
+
+    Example::
+
+        rs.balancing.Weighted()
+    """
+
+    __slots__ = ("_cache", "_rand")
+
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        self._rand = random or _random.random
+        self._cache: tuple[Sequence[Replica] | None, list[float]] = (None, [])
+
+    def __repr__(self) -> str:
+        return "Weighted()"
+
+    def _cumulative(self, replicas: Sequence[Replica]) -> list[float]:
+        cached, cumulative = self._cache
+        if cached is not replicas:
+            cumulative = list(itertools.accumulate(r.endpoint.weight for r in replicas))
+            self._cache = (replicas, cumulative)
+        return cumulative
+
+    def pick(
+        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+    ) -> Replica | None:
+        n = len(replicas)
+        if n == 0:
+            return None
+        cumulative = self._cumulative(replicas)
+        total = cumulative[-1]
+        if total <= 0:
+            return _scan(replicas, tried, panic, now)
+        for _ in range(_SAMPLES):
+            i = bisect.bisect_right(cumulative, self._rand() * total)
+            candidate = replicas[min(i, n - 1)]
+            if _usable(candidate, tried, panic, now):
+                return candidate
+        return _scan(replicas, tried, panic, now)

@@ -1,0 +1,140 @@
+"""A replica as the balancer and the transport see it: its endpoint plus live load and health."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import httpx
+
+from resilient.discovery._base import Endpoint
+
+if TYPE_CHECKING:
+    from resilient.policies.breaker import CircuitBreaker
+
+__all__ = ["LatencyWindow", "Replica"]
+
+#: Peak-EWMA decay time. Finagle and Linkerd use 10 s; here the cost also decays while a replica
+#: is not chosen (see `Replica.cost`), and 2 s lets a replica that was slow once be tried again
+#: within seconds instead of being starved.
+DECAY_SECONDS = 2.0
+
+
+class Replica:
+    """One replica's live state: in-flight requests, peak-EWMA latency, outcomes, ejection.
+
+    Balancers read ``in_flight`` and ``cost()``; the transport updates them around each attempt.
+    ``ejected`` is True while the replica's breaker is not closed (``ejected_until`` is when it may
+    be probed); ``unhealthy`` while active health checks say so.
+
+    Example::
+
+        replica = rs.balancing.Replica(rs.discovery.Endpoint("http://127.0.0.1:8001"))
+        replica.cost(now=0.0)  # 0.0 until it has answered
+    """
+
+    __slots__ = (
+        "_stamp",
+        "attributes",
+        "base",
+        "breaker",
+        "ejected",
+        "ejected_until",
+        "endpoint",
+        "ewma",
+        "failures",
+        "in_flight",
+        "key",
+        "name",
+        "successes",
+        "unhealthy",
+        "url",
+    )
+
+    def __init__(self, endpoint: Endpoint, breaker: CircuitBreaker | None = None) -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        self.base = httpx.URL(endpoint.url)
+        port = self.base.port or (443 if self.base.scheme == "https" else 80)
+        self.name = f"{self.base.host}:{port}"
+        self.key = (self.base.raw_host, self.base.port)
+        self.attributes: dict[str, str | int] = {
+            "server.address": self.base.host,
+            "server.port": port,
+        }
+        self.breaker = breaker
+        self.in_flight = 0
+        self.ewma = 0.0
+        self._stamp = 0.0
+        self.successes = 0
+        self.failures = 0
+        self.ejected = False
+        self.ejected_until = 0.0
+        self.unhealthy = False
+
+    def __repr__(self) -> str:
+        return f"Replica({self.url!r}, in_flight={self.in_flight}, ewma={self.ewma:.4f})"
+
+    def available(self, now: float) -> bool:
+        """May the balancer choose it (outside panic mode)? An ejected replica may be chosen
+        again once its ejection time is over: that attempt is its breaker's half-open probe."""
+        return self.ejected_until <= now and not self.unhealthy
+
+    def cost(self, now: float) -> float:
+        """Finagle's P2C cost: peak-EWMA latency × (in-flight + 1).
+
+        The latency decays with the time since it was last measured, so a replica that answered
+        slowly once is measured again later rather than never chosen again.
+        """
+        ewma = self.ewma
+        if ewma and now > self._stamp:
+            ewma *= math.exp(-(now - self._stamp) / DECAY_SECONDS)
+        return ewma * (self.in_flight + 1)
+
+    def observe(self, seconds: float, now: float) -> None:
+        """Fold one latency into the peak EWMA: spikes count at once, decay is gradual."""
+        if seconds > self.ewma:
+            self.ewma = seconds
+        else:
+            weight = math.exp(-(now - self._stamp) / DECAY_SECONDS) if self._stamp else 0.0
+            self.ewma = self.ewma * weight + seconds * (1.0 - weight)
+        self._stamp = now
+
+
+class LatencyWindow:
+    """Recent successful latencies (a ring of ``size``) and their 95th percentile.
+
+    Example::
+
+        window = rs.balancing.LatencyWindow()
+        for _ in range(100):
+            window.add(0.002)
+        window.p95(min_samples=50)  # 0.002
+    """
+
+    __slots__ = ("_i", "_p95", "_samples", "_size", "_stale")
+
+    def __init__(self, size: int = 512) -> None:
+        self._samples: list[float] = []
+        self._size = size
+        self._i = 0
+        self._p95: float | None = None
+        self._stale = 0
+
+    def add(self, seconds: float) -> None:
+        if len(self._samples) < self._size:
+            self._samples.append(seconds)
+        else:
+            self._samples[self._i] = seconds
+            self._i = (self._i + 1) % self._size
+        self._stale += 1
+
+    def p95(self, min_samples: int) -> float | None:
+        samples = self._samples
+        if len(samples) < min_samples:
+            return None
+        if self._p95 is None or self._stale >= 32:  # re-sorted every 32 samples, not every call
+            ordered = sorted(samples)
+            self._p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+            self._stale = 0
+        return self._p95

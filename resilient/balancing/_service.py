@@ -1,0 +1,257 @@
+"""A logical service: its discovery, its replicas' live state, ejection and panic mode.
+
+The list of replicas is immutable and rebuilt only when discovery's snapshot version changes; a
+replica keeps its state (breaker, latency, counts) across rebuilds while its endpoint stays.
+Replicas are grouped in tiers — by SRV priority, then the client's zone first — and a pick uses the
+first tier that has a usable replica.
+
+Passive ejection is a breaker per replica: while it is open the replica is skipped, and once its
+open time is over the next pick of it is the half-open probe. At most ``max_ejection`` of the
+replicas may be out (ejected or unhealthy): beyond that the service is in panic mode and the
+balancer ignores health, because sending to a maybe-bad replica beats refusing every request
+(Envoy's panic threshold, Finagle's ``maxEffort``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from resilient._clock import Clock
+from resilient.balancing._balancers import Balancer, PowerOfTwo
+from resilient.balancing._replica import LatencyWindow, Replica
+from resilient.discovery._base import Discovery, Endpoint
+from resilient.events import CircuitStateChanged, Event, Hook
+from resilient.policies._common import check_fraction
+from resilient.policies.breaker import CircuitBreaker
+
+__all__ = ["ReplicaStatistics", "Service", "ServiceRuntime", "default_replica_breaker"]
+
+
+def default_replica_breaker(name: str, clock: Clock, hooks: Sequence[Hook]) -> CircuitBreaker:
+    """The breaker that ejects a replica: 5 failures in a row, or 30 % of ≥ 10 calls in 10 s.
+
+    Ejection lasts 5 s and doubles on each failed probe, up to 60 s.
+    """
+    return CircuitBreaker(
+        name=name,
+        consecutive_failures=5,
+        failure_rate=0.3,
+        min_calls=10,
+        window=10.0,
+        open_for=5.0,
+        clock=clock,
+        hooks=hooks,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    """How to reach one logical service: where its replicas are, and how to choose among them.
+
+    ``balancer`` defaults to `PowerOfTwo`; ``zone`` is the client's zone (replicas there are
+    preferred while any is usable); ``tls_server_name`` makes requests carry that name as ``Host``
+    and in TLS (SNI and certificate checks) instead of each replica's address; ``max_ejection`` is
+    the share of replicas that may be ejected before panic mode; ``breaker`` builds a replica's
+    breaker from its name (``"service/host:port"``).
+
+    Example::
+
+        rs.ResilientTransport(services={
+            "orders": rs.balancing.Service(
+                discovery=rs.discovery.DNS("_http._tcp.orders.internal"),
+                balancer=rs.balancing.LeastRequests(),
+                zone="eu-west-1a",
+            ),
+        })
+    """
+
+    discovery: Discovery
+    balancer: Balancer | None = None
+    zone: str | None = None
+    tls_server_name: str | None = None
+    max_ejection: float = 0.5
+    breaker: Callable[[str], CircuitBreaker] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.discovery, Discovery):
+            raise ValueError(f"discovery must be a discovery source, got {self.discovery!r}")
+        check_fraction("max_ejection", self.max_ejection, allow_zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatistics:
+    """One replica as `ResilientTransport.statistics` reports it.
+
+    ``state`` is ``"healthy"``, ``"ejected"``, ``"half_open"`` (ejection over, next pick probes it)
+    or ``"unhealthy"`` (active health checks); ``breaker`` is its breaker's own state.
+
+    Example::
+
+        [s.state for s in transport.statistics()["orders"]]  # ["healthy", "ejected", "healthy"]
+    """
+
+    url: str
+    state: str
+    in_flight: int
+    ewma_ms: float
+    successes: int
+    failures: int
+    breaker: str
+
+
+class ServiceRuntime:
+    """The live state of one `Service` inside a transport: replicas, tiers, ejection, panic.
+
+    Example::
+
+        runtime = ServiceRuntime("orders", service, clock=rs.SystemClock(), hooks=(),
+                                 default_breaker=default_replica_breaker)
+        replica = runtime.pick(tried=())
+    """
+
+    def __init__(
+        self,
+        name: str,
+        service: Service,
+        *,
+        clock: Clock,
+        hooks: Sequence[Hook],
+        default_breaker: Callable[[str, Clock, Sequence[Hook]], CircuitBreaker],
+    ) -> None:
+        self.name = name
+        self.service = service
+        self.balancer: Balancer = service.balancer or PowerOfTwo()
+        self.clock = clock
+        self.hooks = tuple(hooks)
+        self._default_breaker = default_breaker
+        self._lock = threading.Lock()
+        self.version = -1
+        self.replicas: tuple[Replica, ...] = ()
+        self.tiers: tuple[tuple[Replica, ...], ...] = ()
+        self.down = 0
+        self.latency = LatencyWindow()
+        self._by_url: dict[str, Replica] = {}
+
+    # -- membership ---------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rebuild the replica list if discovery has a new snapshot (cheap when it has not)."""
+        snapshot = self.service.discovery.current()
+        if snapshot.version == self.version:
+            return
+        with self._lock:
+            if snapshot.version != self.version:
+                self._rebuild(snapshot.endpoints)
+                self.version = snapshot.version
+
+    def _make_breaker(self, replica: Replica) -> CircuitBreaker:
+        name = f"{self.name}/{replica.name}"
+        hooks = (functools.partial(self._breaker_event, replica), *self.hooks)
+        if self.service.breaker is not None:
+            breaker = self.service.breaker(name)
+            object.__setattr__(breaker, "hooks", (*breaker.hooks, hooks[0]))
+            return breaker
+        return self._default_breaker(name, self.clock, hooks)
+
+    def _rebuild(self, endpoints: Iterable[Endpoint]) -> None:
+        old = self._by_url
+        replicas: list[Replica] = []
+        for endpoint in endpoints:
+            replica = old.get(endpoint.url)
+            if replica is None or replica.endpoint != endpoint:
+                fresh = Replica(endpoint)
+                if replica is not None:  # same replica, new weight or zone: keep what was learned
+                    fresh.breaker, fresh.ewma = replica.breaker, replica.ewma
+                    fresh.ejected, fresh.ejected_until = replica.ejected, replica.ejected_until
+                    fresh.unhealthy = replica.unhealthy
+                replica = fresh
+            if replica.breaker is None:
+                replica.breaker = self._make_breaker(replica)
+            replicas.append(replica)
+        self.replicas = tuple(replicas)
+        self._by_url = {r.url: r for r in replicas}
+        zone = self.service.zone
+        groups: dict[tuple[int, bool], list[Replica]] = {}
+        for replica in replicas:
+            key = (replica.endpoint.priority, zone is not None and replica.endpoint.zone != zone)
+            groups.setdefault(key, []).append(replica)
+        self.tiers = tuple(tuple(groups[key]) for key in sorted(groups))
+        self.down = sum(1 for r in replicas if r.ejected or r.unhealthy)
+
+    # -- ejection and health ------------------------------------------------------------------------
+
+    def _breaker_event(self, replica: Replica, event: Event) -> None:
+        if not isinstance(event, CircuitStateChanged):
+            return
+        with self._lock:
+            was_down = replica.ejected or replica.unhealthy
+            if event.new == "open":
+                replica.ejected = True
+                replica.ejected_until = self.clock.monotonic() + (event.open_for or 0.0)
+            elif event.new == "closed":
+                replica.ejected = False
+                replica.ejected_until = 0.0
+            self._count(replica, was_down)
+
+    def set_health(self, url: str, unhealthy: bool) -> None:
+        """Active health checks say ``url`` is (un)healthy."""
+        with self._lock:
+            replica = self._by_url.get(url)
+            if replica is None:
+                return
+            was_down = replica.ejected or replica.unhealthy
+            replica.unhealthy = unhealthy
+            self._count(replica, was_down)
+
+    def _count(self, replica: Replica, was_down: bool) -> None:
+        if replica.url not in self._by_url:
+            return
+        down = replica.ejected or replica.unhealthy
+        if down != was_down:
+            self.down += 1 if down else -1
+
+    @property
+    def panic(self) -> bool:
+        """More replicas are out than ``max_ejection`` allows: health is ignored."""
+        return self.down > self.service.max_ejection * len(self.replicas)
+
+    # -- picking ------------------------------------------------------------------------------------
+
+    def pick(self, tried: Collection[Replica]) -> Replica | None:
+        """A replica for the next attempt, preferring ones this request has not tried."""
+        self.refresh()
+        if not self.replicas:
+            return None
+        now = self.clock.monotonic()
+        panic = self.panic
+        balancer = self.balancer
+        for tier in self.tiers:
+            replica = balancer.pick(tier, tried, panic, now)
+            if replica is not None:
+                return replica
+        if tried:  # every replica has been tried: go round again rather than give up
+            return self.pick(())
+        return None
+
+    def statistics(self) -> list[ReplicaStatistics]:
+        now = self.clock.monotonic()
+        out = []
+        for r in self.replicas:
+            breaker = r.breaker.state if r.breaker is not None else "closed"
+            if r.unhealthy:
+                state = "unhealthy"
+            elif breaker == "half_open" or (r.ejected and r.ejected_until <= now):
+                state = "half_open"
+            elif r.ejected:
+                state = "ejected"
+            else:
+                state = "healthy"
+            out.append(
+                ReplicaStatistics(
+                    r.url, state, r.in_flight, r.ewma * 1000.0, r.successes, r.failures, breaker
+                )
+            )
+        return out
