@@ -23,12 +23,25 @@ from resilient.balancing._balancers import (
 )
 from resilient.balancing._replica import LatencyWindow, Replica
 from resilient.balancing._service import ReplicaStatistics, Service, ServiceRuntime
+from resilient.balancing.health import (
+    EndpointHealth,
+    HealthCheck,
+    HealthChecker,
+    HealthStatus,
+    ProbeScheduler,
+    phi_accrual,
+)
 
 __all__ = [
     "Balancer",
+    "EndpointHealth",
+    "HealthCheck",
+    "HealthChecker",
+    "HealthStatus",
     "LatencyWindow",
     "LeastRequests",
     "PowerOfTwo",
+    "ProbeScheduler",
     "Random",
     "Replica",
     "ReplicaStatistics",
@@ -36,4 +49,5 @@ __all__ = [
     "Service",
     "ServiceRuntime",
     "Weighted",
+    "phi_accrual",
 ]

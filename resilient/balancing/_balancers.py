@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import random as _random
-import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
@@ -52,12 +51,19 @@ def _scan(
     tried: Collection[Replica],
     panic: bool,
     now: float,
+    rand: Callable[[], float],
     key: Callable[[Replica], float] | None = None,
 ) -> Replica | None:
+    """When random draws keep missing: choose among all usable replicas, still at random (or the
+    cheaper of two random ones), so the first usable one in the list does not take the load."""
     usable = [r for r in replicas if _usable(r, tried, panic, now)]
     if not usable:
         return None
-    return min(usable, key=key) if key is not None else usable[0]
+    a = usable[int(rand() * len(usable))]
+    if key is None or len(usable) == 1:
+        return a
+    b = usable[int(rand() * len(usable))]
+    return a if key(a) <= key(b) else b
 
 
 class PowerOfTwo:
@@ -100,7 +106,7 @@ class PowerOfTwo:
                 return a
             if ok_b:
                 return b
-        return _scan(replicas, tried, panic, now, lambda r: r.cost(now))
+        return _scan(replicas, tried, panic, now, rand, lambda r: r.cost(now))
 
 
 class LeastRequests:
@@ -136,7 +142,7 @@ class LeastRequests:
                 return a
             if ok_b:
                 return b
-        return _scan(replicas, tried, panic, now, lambda r: float(r.in_flight))
+        return _scan(replicas, tried, panic, now, rand, lambda r: float(r.in_flight))
 
 
 class Random:
@@ -165,7 +171,7 @@ class Random:
             candidate = replicas[int(self._rand() * n)]
             if _usable(candidate, tried, panic, now):
                 return candidate
-        return _scan(replicas, tried, panic, now)
+        return _scan(replicas, tried, panic, now, self._rand)
 
 
 class RoundRobin:
@@ -176,11 +182,11 @@ class RoundRobin:
         rs.balancing.RoundRobin()
     """
 
-    __slots__ = ("_counter", "_lock")
+    __slots__ = ("_counter", "_rand")
 
-    def __init__(self) -> None:
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
         self._counter = itertools.count()
-        self._lock = threading.Lock()
+        self._rand = random or _random.random
 
     def __repr__(self) -> str:
         return "RoundRobin()"
@@ -196,7 +202,7 @@ class RoundRobin:
             candidate = replicas[(start + k) % n]
             if _usable(candidate, tried, panic, now):
                 return candidate
-        return _scan(replicas, tried, panic, now)
+        return _scan(replicas, tried, panic, now, self._rand)
 
 
 class Weighted:
@@ -235,10 +241,10 @@ class Weighted:
         cumulative = self._cumulative(replicas)
         total = cumulative[-1]
         if total <= 0:
-            return _scan(replicas, tried, panic, now)
+            return _scan(replicas, tried, panic, now, self._rand)
         for _ in range(_SAMPLES):
             i = bisect.bisect_right(cumulative, self._rand() * total)
             candidate = replicas[min(i, n - 1)]
             if _usable(candidate, tried, panic, now):
                 return candidate
-        return _scan(replicas, tried, panic, now)
+        return _scan(replicas, tried, panic, now, self._rand)

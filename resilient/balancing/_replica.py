@@ -19,6 +19,9 @@ __all__ = ["LatencyWindow", "Replica"]
 #: within seconds instead of being starved.
 DECAY_SECONDS = 2.0
 
+#: Seconds charged per in-flight request to a replica with no measured latency yet.
+UNMEASURED_PENALTY = 1.0
+
 
 class Replica:
     """One replica's live state: in-flight requests, peak-EWMA latency, outcomes, ejection.
@@ -65,7 +68,7 @@ class Replica:
         self.breaker = breaker
         self.in_flight = 0
         self.ewma = 0.0
-        self._stamp = 0.0
+        self._stamp = -1.0  # never measured
         self.successes = 0
         self.failures = 0
         self.ejected = False
@@ -86,19 +89,30 @@ class Replica:
         The latency decays with the time since it was last measured, so a replica that answered
         slowly once is measured again later rather than never chosen again.
         """
+        if self._stamp < 0:
+            # Never measured: free while idle (so it gets measured), expensive once requests
+            # wait on it (Finagle's penalty), so a new or always-failing replica is not flooded.
+            return UNMEASURED_PENALTY * self.in_flight
         ewma = self.ewma
-        if ewma and now > self._stamp:
+        if now > self._stamp:
             ewma *= math.exp(-(now - self._stamp) / DECAY_SECONDS)
         return ewma * (self.in_flight + 1)
 
     def observe(self, seconds: float, now: float) -> None:
         """Fold one latency into the peak EWMA: spikes count at once, decay is gradual."""
-        if seconds > self.ewma:
+        if seconds > self.ewma or self._stamp < 0:
             self.ewma = seconds
         else:
-            weight = math.exp(-(now - self._stamp) / DECAY_SECONDS) if self._stamp else 0.0
+            weight = math.exp(-(now - self._stamp) / DECAY_SECONDS)
             self.ewma = self.ewma * weight + seconds * (1.0 - weight)
         self._stamp = now
+
+    def observe_failure(self, seconds: float, now: float) -> None:
+        """A failed attempt can only raise the estimate (a timeout is slow; a refusal is not
+        fast service)."""
+        if seconds > self.ewma or self._stamp < 0:
+            self.ewma = max(self.ewma, seconds)
+            self._stamp = now
 
 
 class LatencyWindow:
@@ -112,13 +126,13 @@ class LatencyWindow:
         window.p95(min_samples=50)  # 0.002
     """
 
-    __slots__ = ("_i", "_p95", "_samples", "_size", "_stale")
+    __slots__ = ("_i", "_samples", "_size", "_sorted", "_stale")
 
     def __init__(self, size: int = 512) -> None:
         self._samples: list[float] = []
         self._size = size
         self._i = 0
-        self._p95: float | None = None
+        self._sorted: list[float] | None = None
         self._stale = 0
 
     def add(self, seconds: float) -> None:
@@ -129,12 +143,17 @@ class LatencyWindow:
             self._i = (self._i + 1) % self._size
         self._stale += 1
 
-    def p95(self, min_samples: int) -> float | None:
+    def quantile(self, q: float, min_samples: int) -> float | None:
+        """The ``q`` quantile of the window (None before ``min_samples`` samples)."""
         samples = self._samples
         if len(samples) < min_samples:
             return None
-        if self._p95 is None or self._stale >= 32:  # re-sorted every 32 samples, not every call
-            ordered = sorted(samples)
-            self._p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        if self._sorted is None or self._stale >= 32:  # re-sorted every 32 samples, not every call
+            self._sorted = sorted(samples)
             self._stale = 0
-        return self._p95
+        ordered = self._sorted
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+    def p95(self, min_samples: int) -> float | None:
+        """The 95th percentile (None before ``min_samples`` samples)."""
+        return self.quantile(0.95, min_samples)

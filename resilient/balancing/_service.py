@@ -18,10 +18,12 @@ import functools
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from resilient._clock import Clock
 from resilient.balancing._balancers import Balancer, PowerOfTwo
 from resilient.balancing._replica import LatencyWindow, Replica
+from resilient.balancing.health import HealthCheck, HealthChecker
 from resilient.discovery._base import Discovery, Endpoint
 from resilient.events import CircuitStateChanged, Event, Hook
 from resilient.policies._common import check_fraction
@@ -45,6 +47,16 @@ def default_replica_breaker(name: str, clock: Clock, hooks: Sequence[Hook]) -> C
         clock=clock,
         hooks=hooks,
     )
+
+
+class _BreakerLink:
+    """Which URL a replica breaker belongs to, and the breaker itself (set once it exists)."""
+
+    __slots__ = ("breaker", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.breaker: CircuitBreaker | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,11 +86,22 @@ class Service:
     tls_server_name: str | None = None
     max_ejection: float = 0.5
     breaker: Callable[[str], CircuitBreaker] | None = None
+    service_breaker: CircuitBreaker | Literal["default"] | None = "default"
+    health_check: HealthCheck | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.discovery, Discovery):
             raise ValueError(f"discovery must be a discovery source, got {self.discovery!r}")
         check_fraction("max_ejection", self.max_ejection, allow_zero=True)
+        if self.service_breaker not in (None, "default") and not isinstance(
+            self.service_breaker, CircuitBreaker
+        ):
+            raise ValueError(
+                f"service_breaker must be a CircuitBreaker, None or 'default', "
+                f"got {self.service_breaker!r}"
+            )
+        if self.health_check is not None and not isinstance(self.health_check, HealthCheck):
+            raise ValueError(f"health_check must be a HealthCheck, got {self.health_check!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +155,22 @@ class ServiceRuntime:
         self.replicas: tuple[Replica, ...] = ()
         self.tiers: tuple[tuple[Replica, ...], ...] = ()
         self.down = 0
+        self._tier_of: dict[str, int] = {}
+        self._tier_down: list[int] = []
         self.latency = LatencyWindow()
         self._by_url: dict[str, Replica] = {}
+        spec = service.service_breaker
+        self.breaker: CircuitBreaker | None = (
+            CircuitBreaker(name=f"service:{name}", clock=clock, hooks=self.hooks)
+            if spec == "default"
+            else spec
+            if isinstance(spec, CircuitBreaker)
+            else None
+        )
+        self.health: HealthChecker | None = None
+        self._health_started = False
+        if service.health_check is not None:
+            self.health = HealthChecker(service.health_check, on_change=self._health_changed)
 
     # -- membership ---------------------------------------------------------------------------------
 
@@ -149,12 +186,15 @@ class ServiceRuntime:
 
     def _make_breaker(self, replica: Replica) -> CircuitBreaker:
         name = f"{self.name}/{replica.name}"
-        hooks = (functools.partial(self._breaker_event, replica), *self.hooks)
+        link = _BreakerLink(replica.url)
+        hook = functools.partial(self._breaker_event, link)
         if self.service.breaker is not None:
             breaker = self.service.breaker(name)
-            object.__setattr__(breaker, "hooks", (*breaker.hooks, hooks[0]))
-            return breaker
-        return self._default_breaker(name, self.clock, hooks)
+            object.__setattr__(breaker, "hooks", (*breaker.hooks, hook))
+        else:
+            breaker = self._default_breaker(name, self.clock, (hook, *self.hooks))
+        link.breaker = breaker
+        return breaker
 
     def _rebuild(self, endpoints: Iterable[Endpoint]) -> None:
         old = self._by_url
@@ -179,14 +219,23 @@ class ServiceRuntime:
             key = (replica.endpoint.priority, zone is not None and replica.endpoint.zone != zone)
             groups.setdefault(key, []).append(replica)
         self.tiers = tuple(tuple(groups[key]) for key in sorted(groups))
-        self.down = sum(1 for r in replicas if r.ejected or r.unhealthy)
+        self._tier_of = {r.url: i for i, tier in enumerate(self.tiers) for r in tier}
+        self._tier_down = [sum(1 for r in tier if r.ejected or r.unhealthy) for tier in self.tiers]
+        self.down = sum(self._tier_down)
+        if self.health is not None:
+            self.health.update(r.endpoint for r in replicas)
 
     # -- ejection and health ------------------------------------------------------------------------
 
-    def _breaker_event(self, replica: Replica, event: Event) -> None:
+    def _breaker_event(self, link: _BreakerLink, event: Event) -> None:
         if not isinstance(event, CircuitStateChanged):
             return
         with self._lock:
+            # The replica listed now for this URL, if this breaker is still its breaker: a
+            # replica rebuilt for a new weight keeps the breaker; a removed one's breaker is moot.
+            replica = self._by_url.get(link.url)
+            if replica is None or replica.breaker is not link.breaker:
+                return
             was_down = replica.ejected or replica.unhealthy
             if event.new == "open":
                 replica.ejected = True
@@ -195,6 +244,15 @@ class ServiceRuntime:
                 replica.ejected = False
                 replica.ejected_until = 0.0
             self._count(replica, was_down)
+
+    def _health_changed(self, url: str, old: str, new: str) -> None:
+        self.set_health(url, new == "unhealthy")
+
+    def close(self) -> None:
+        """Stop health checks and the discovery source."""
+        if self.health is not None:
+            self.health.close()
+        self.service.discovery.close()
 
     def set_health(self, url: str, unhealthy: bool) -> None:
         """Active health checks say ``url`` is (un)healthy."""
@@ -207,16 +265,21 @@ class ServiceRuntime:
             self._count(replica, was_down)
 
     def _count(self, replica: Replica, was_down: bool) -> None:
-        if replica.url not in self._by_url:
+        if self._by_url.get(replica.url) is not replica:
             return
         down = replica.ejected or replica.unhealthy
         if down != was_down:
-            self.down += 1 if down else -1
+            step = 1 if down else -1
+            self.down += step
+            self._tier_down[self._tier_of[replica.url]] += step
 
     @property
     def panic(self) -> bool:
         """More replicas are out than ``max_ejection`` allows: health is ignored."""
         return self.down > self.service.max_ejection * len(self.replicas)
+
+    def _tier_panics(self, index: int) -> bool:
+        return self._tier_down[index] > self.service.max_ejection * len(self.tiers[index])
 
     # -- picking ------------------------------------------------------------------------------------
 
@@ -225,16 +288,38 @@ class ServiceRuntime:
         self.refresh()
         if not self.replicas:
             return None
+        if self.health is not None and not self._health_started:
+            self._start_health()
         now = self.clock.monotonic()
-        panic = self.panic
         balancer = self.balancer
-        for tier in self.tiers:
-            replica = balancer.pick(tier, tried, panic, now)
+        # Tiers in order of preference; a tier with too many replicas out spills its load over to
+        # the next, and only when no tier has a usable replica does the first panicking tier take
+        # it, ignoring health (Envoy's per-priority panic).
+        panicking: tuple[Replica, ...] | None = None
+        for index, tier in enumerate(self.tiers):
+            if self._tier_panics(index):
+                if panicking is None:
+                    panicking = tier
+                continue
+            replica = balancer.pick(tier, tried, False, now)
+            if replica is not None:
+                return replica
+        if panicking is not None:
+            replica = balancer.pick(panicking, tried, True, now)
             if replica is not None:
                 return replica
         if tried:  # every replica has been tried: go round again rather than give up
             return self.pick(())
         return None
+
+    def _start_health(self) -> None:
+        # Heartbeats run in the checker's own thread for sync and async clients alike: a
+        # transport owns no task group to start a task in (see HealthChecker.run for that).
+        with self._lock:
+            if self._health_started or self.health is None:
+                return
+            self._health_started = True
+        self.health.start_thread()
 
     def statistics(self) -> list[ReplicaStatistics]:
         now = self.clock.monotonic()

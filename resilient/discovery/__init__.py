@@ -14,5 +14,15 @@ from __future__ import annotations
 from resilient.discovery._base import Discovery, Endpoint, Snapshot, Source
 from resilient.discovery.dns import DNS
 from resilient.discovery.static import Static
+from resilient.discovery.zookeeper import ZooKeeper, register_zookeeper
 
-__all__ = ["DNS", "Discovery", "Endpoint", "Snapshot", "Source", "Static"]
+__all__ = [
+    "DNS",
+    "Discovery",
+    "Endpoint",
+    "Snapshot",
+    "Source",
+    "Static",
+    "ZooKeeper",
+    "register_zookeeper",
+]

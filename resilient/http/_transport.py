@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -119,6 +119,15 @@ class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
             await self.inner.aclose()
 
 
+def _quantile(spec: str) -> float | None:
+    """``"p95"`` -> 0.95; None if ``spec`` is not of that form."""
+    match = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)", spec)
+    if match is None:
+        return None
+    q = float(match.group(1)) / 100.0
+    return q if 0.0 < q < 1.0 else None
+
+
 class _ReleaseOnClose(httpx.SyncByteStream, httpx.AsyncByteStream):
     """A response body that gives its bulkhead permit back when it is closed (once)."""
 
@@ -167,6 +176,7 @@ class _Call:
         "attempts",
         "body",
         "deadline_at",
+        "full_read",
         "hedge",
         "idempotent",
         "last_duration",
@@ -174,6 +184,8 @@ class _Call:
         "retry",
         "sent",
         "service",
+        "shortened",
+        "timeouts",
         "tried",
     )
 
@@ -189,6 +201,9 @@ class _Call:
         self.service: ServiceRuntime | None = None
         self.logical: httpx.URL | None = None
         self.tried: list[Replica] = []
+        self.timeouts: dict[str, float | None] | None = None
+        self.shortened = False
+        self.full_read: float | None = None
         self.retry = True
 
 
@@ -217,15 +232,17 @@ class Hedging:
     """Hedged requests for idempotent requests: a second copy when the first is slow.
 
     After ``delay`` seconds without an answer (or, with ``delay="p95"``, after the 95th percentile
-    of this host's recent successful latencies, once ``min_samples`` are known), another copy is
-    sent; the first good answer wins and the others are cancelled and closed. Each hedge takes a
+    of the service's or host's recent latencies, once ``min_samples`` are known; any ``"pNN"``
+    works), another copy is sent; the first good answer wins and the others are cancelled and closed. Each hedge takes a
     token from the transport's retry budget, so hedging adds at most the budget's share of load.
     Requests with a streamed body, and requests that are not idempotent, are never hedged.
 
-    Where a hedge is cheap it is on by default: asyncio clients pay one timer per request. Sync
-    clients hedge only with ``threads=True`` (a sync request can be abandoned only if it runs in
-    another thread, so every hedgeable request then pays a thread hand-off, tens of µs), and trio
-    clients only with ``trio=True`` (a task group per hedgeable request, ~100 µs).
+    On asyncio a hedge is a real race: the first copy keeps running and the first good answer
+    wins (one timer per request). Sync and trio clients cannot race cheaply, so by default their
+    first attempt's read timeout is cut to the delay and, if it runs over, it is abandoned and a
+    copy is sent at once (no cost when it does not run over). ``threads=True`` races sync
+    requests in pool threads (every hedgeable request then pays a thread hand-off, tens of µs);
+    ``trio=True`` races trio requests in a task group (~100 µs a request).
 
     Example::
 
@@ -234,7 +251,7 @@ class Hedging:
         rs.ResilientTransport(hedge=None)                            # no hedging
     """
 
-    delay: float | Literal["p95"] = "p95"
+    delay: float | str = "p95"
     max_hedges: int = 1
     min_delay: float = 0.002
     min_samples: int = 50
@@ -243,7 +260,10 @@ class Hedging:
     max_workers: int = 32
 
     def __post_init__(self) -> None:
-        if self.delay != "p95":
+        if isinstance(self.delay, str):
+            if _quantile(self.delay) is None:
+                raise ValueError(f"delay must be seconds or 'pNN' (e.g. 'p95'), got {self.delay!r}")
+        else:
             check_positive("delay", self.delay)
         check_count("max_hedges", self.max_hedges)
         check_positive("min_delay", self.min_delay, allow_zero=True)
@@ -286,6 +306,7 @@ class _AsyncioRace:
 
     __slots__ = (
         "call",
+        "changed",
         "delay",
         "done",
         "hedges",
@@ -319,9 +340,11 @@ class _AsyncioRace:
         self.primary = True
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
+        self.changed = asyncio.Event()
 
     def _launch(self) -> None:
         self.timer = None
+        self.changed.set()
         if self.done or self.winner is not None:
             return
         number = len(self.hedges) + 1
@@ -336,6 +359,7 @@ class _AsyncioRace:
             self.timer = self.loop.call_later(self.delay, self._launch)
 
     def _finished(self, hedge: asyncio.Task[httpx.Response]) -> None:
+        self.changed.set()
         if hedge.cancelled() or hedge.exception() is not None:
             return
         response = hedge.result()
@@ -347,6 +371,7 @@ class _AsyncioRace:
             self.task.cancel()  # the caller's own attempt lost the race
 
     def _stop(self) -> None:
+        """End the race: no more hedges, cancel those running, close a winner nobody took."""
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
@@ -354,36 +379,51 @@ class _AsyncioRace:
         for hedge in self.hedges:
             hedge.cancel()
         self.hedges = []
+        if self.winner is not None:
+            self.loop.create_task(self.winner.aclose())
+            self.winner = None
+
+    def _take_winner(self) -> httpx.Response:
+        winner, self.winner = self.winner, None
+        assert winner is not None
+        return winner
+
+    async def _wait_for_hedges(self) -> bool:
+        """The caller's attempt is over without a good answer: hedges in flight (and those still
+        due on schedule) may give one. True if one did; False at once if none was launched."""
+        if not self.hedges:
+            return False
+        while self.winner is None:
+            if self.timer is None and all(hedge.done() for hedge in self.hedges):
+                break
+            self.changed.clear()
+            await self.changed.wait()
+        return self.winner is not None
 
     async def run(self) -> httpx.Response:
         task = self.task
         self.timer = self.loop.call_later(self.delay, self._launch)
         cancelling = _cancelling(task)
         try:
-            response = await self.transport._attempt_async(self.request, self.call)
-        except asyncio.CancelledError:
+            try:
+                response = await self.transport._attempt_async(self.request, self.call)
+            except asyncio.CancelledError:
+                self.primary = False
+                if self.winner is not None and _uncancel(task) <= cancelling:
+                    return self._take_winner()
+                raise
+            except Exception:
+                self.primary = False
+                if await self._wait_for_hedges():
+                    return self._take_winner()
+                raise
             self.primary = False
-            winner = self.winner
+            if not self.transport._good(response) and await self._wait_for_hedges():
+                await response.aclose()  # a retryable answer, and a hedge did better
+                return self._take_winner()
+            return response
+        finally:
             self._stop()
-            if winner is not None and _uncancel(task) <= cancelling:
-                return winner
-            raise
-        except Exception:
-            self.primary = False
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            running = [hedge for hedge in self.hedges if not hedge.done()]
-            if running:  # a hedge in flight may still answer
-                await asyncio.wait(running)
-            winner = self.winner
-            self._stop()
-            if winner is not None:
-                return winner
-            raise
-        self.primary = False
-        self._stop()
-        return response
 
 
 class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
@@ -478,6 +518,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.hedge: Hedging | None = Hedging() if hedge is _DEFAULT else hedge
         self._latencies: dict[str, LatencyWindow] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_busy = 0
         self._pool_lock = threading.Lock()
         self.classifier = classifier or Classifier()
         self.fallback = fallback
@@ -572,18 +613,18 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """
         return self._host(url).breaker
 
-    def _hedge_delay(
-        self, request: httpx.Request, call: _Call, *, allowed: bool = True
-    ) -> float | None:
+    def _hedge_delay(self, request: httpx.Request, call: _Call) -> float | None:
         """Seconds before this request's first hedge, or None if it is not to be hedged."""
         hedge = self.hedge
-        if hedge is None or not (allowed and call.hedge and call.idempotent):
+        if hedge is None or not (call.hedge and call.idempotent):
             return None
         if call.body is not None:  # a streamed body cannot be sent twice
             return None
-        if hedge.delay == "p95":
-            p95 = self._latency(request, call).p95(hedge.min_samples)
-            return None if p95 is None else max(hedge.min_delay, p95)
+        if isinstance(hedge.delay, str):
+            q = _quantile(hedge.delay)
+            assert q is not None
+            learned = self._latency(request, call).quantile(q, hedge.min_samples)
+            return None if learned is None else max(hedge.min_delay, learned)
         return hedge.delay
 
     def _latency(self, request: httpx.Request, call: _Call) -> LatencyWindow:
@@ -642,6 +683,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             ambient_at = now + (at - clock.monotonic())
             if call.deadline_at is None or ambient_at < call.deadline_at:
                 call.deadline_at = ambient_at
+        call.timeouts = request.extensions.get("timeout")
         if not isinstance(request.stream, httpx.ByteStream):
             call.body = _TrackedBody(request.stream)
             request.stream = call.body
@@ -655,8 +697,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self.budget.deposit()
         return call
 
-    def _prepare(self, request: httpx.Request, call: _Call) -> None:
-        """Clip this attempt's httpx timeouts to the time left; say the deadline if asked to."""
+    def _prepare(
+        self, request: httpx.Request, call: _Call, read_limit: float | None = None
+    ) -> None:
+        """Set this attempt's httpx timeouts: the request's own, clipped to the time left and the
+        attempt timeout, and with the read timeout cut to ``read_limit`` for a speculative
+        attempt. Each attempt starts again from the request's own timeouts."""
         call.sent += 1
         limit = self.attempt_timeout
         if call.deadline_at is not None:
@@ -664,16 +710,25 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             limit = left if limit is None else min(limit, left)
             if self.deadline_header:
                 request.headers[self.deadline_header] = f"{max(left, 0.0):.3f}"
-        if limit is not None:
-            limit = max(limit, 0.001)
-            timeout = request.extensions.get("timeout") or {}
-            request.extensions = {
-                **request.extensions,
-                "timeout": {
-                    k: limit if timeout.get(k) is None else min(timeout[k], limit)
-                    for k in ("connect", "read", "write", "pool")
-                },
-            }
+        call.shortened = False
+        if limit is None and read_limit is None:
+            if request.extensions.get("timeout") is not call.timeouts:  # undo a previous attempt's
+                request.extensions = {**request.extensions, "timeout": call.timeouts}
+            return
+        base = call.timeouts or {}
+        timeouts: dict[str, float | None] = {}
+        for key in ("connect", "read", "write", "pool"):
+            value = base.get(key)
+            if limit is not None:
+                value = max(limit, 0.001) if value is None else min(value, max(limit, 0.001))
+            timeouts[key] = value
+        if read_limit is not None:
+            read = timeouts["read"]
+            if read is None or read_limit < read:
+                call.full_read = read
+                call.shortened = True
+                timeouts["read"] = read_limit
+        request.extensions = {**request.extensions, "timeout": timeouts}
 
     # -- decisions -----------------------------------------------------------------------------------
 
@@ -891,7 +946,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         else:
             request.headers["Host"] = base.netloc.decode("ascii")
 
-    def _start_attempt(self, request: httpx.Request, call: _Call) -> _Attempt:
+    def _start_attempt(
+        self, request: httpx.Request, call: _Call, read_limit: float | None = None
+    ) -> _Attempt:
         replica: Replica | None = None
         if call.service is not None:
             replica, gen = self._choose(request, call)
@@ -909,7 +966,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     raise breaker._reject()
             latency = host.latency
             attributes = host.attributes
-        self._prepare(request, call)
+        self._prepare(request, call, read_limit)
         self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
         if self._tracer_given or not isinstance(
@@ -935,6 +992,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if replica is not None:
             replica.in_flight -= 1
             replica.failures += 1
+            replica.observe_failure(duration, attempt.started + duration)
         breaker = attempt.breaker
         if breaker is not None and attempt.gen != REJECTED:
             if self.classifier.exception_kind(exc) == "not_retryable":
@@ -964,6 +1022,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica.in_flight -= 1
             if failed:
                 replica.failures += 1
+                replica.observe_failure(duration, attempt.started + duration)
             else:
                 replica.successes += 1
                 replica.observe(duration, attempt.started + duration)
@@ -1014,10 +1073,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         response.stream = _ReleaseOnClose(response.stream, bulkhead)
         return response
 
-    def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        attempt = self._start_attempt(request, call)
+    def _attempt(
+        self, request: httpx.Request, call: _Call, read_limit: float | None = None
+    ) -> httpx.Response:
+        inner = self._sync_transport()  # built before the clock starts: not the replica's time
+        attempt = self._start_attempt(request, call, read_limit)
         try:
-            response = self._sync_transport().handle_request(request)
+            response = inner.handle_request(request)
         except Exception as exc:
             self._attempt_failed(attempt, call, exc)
             raise
@@ -1029,10 +1091,43 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _round(self, request: httpx.Request, call: _Call) -> httpx.Response:
         hedge = self.hedge
-        delay = self._hedge_delay(request, call, allowed=hedge is not None and hedge.threads)
+        if hedge is None:
+            return self._attempt(request, call)
+        delay = self._hedge_delay(request, call)
         if delay is None:
             return self._attempt(request, call)
-        return self._race_threads(request, call, delay)
+        if hedge.threads:
+            return self._race_threads(request, call, delay)
+        if call.attempt > 1:
+            return self._attempt(request, call)
+        try:
+            response = self._attempt(request, call, read_limit=delay)
+        except httpx.ReadTimeout:
+            if not call.shortened:
+                raise
+            self._censored(request, call, delay)
+            if not self._may_hedge(request, 1, delay):
+                raise
+            # Slower than this service's p95: abandon it and send another copy at once.
+            return self._attempt(request, call)
+        self._restore_read(request, call)
+        return response
+
+    def _censored(self, request: httpx.Request, call: _Call, delay: float) -> None:
+        """An abandoned attempt took longer than ``delay``: count it as a slow sample, so the
+        learned percentile is not computed from the fast answers alone (which would pull the
+        delay down and down, abandoning ever more attempts)."""
+        self._latency(request, call).add(2.0 * delay)
+
+    @staticmethod
+    def _restore_read(request: httpx.Request, call: _Call) -> None:
+        """The answer's headers came in time: its body gets the request's own read timeout.
+
+        httpcore reads the timeouts from the same dict when the body is read, later."""
+        if call.shortened:
+            timeouts = request.extensions.get("timeout")
+            if isinstance(timeouts, dict):
+                timeouts["read"] = call.full_read
 
     def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._pool_lock:
@@ -1047,14 +1142,17 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """Run the attempt and its hedges in pool threads; return the first good answer.
 
         Threads cannot be cancelled: losers run to the end and their responses are closed then.
+        A request is raced only while the pool has a free worker, so a hedge never waits behind
+        other requests' losers; when the pool is full the request runs plainly in the caller's
+        thread.
         """
-        assert self.hedge is not None
+        hedge = self.hedge
+        assert hedge is not None
         pool = self._thread_pool()
         results: queue.SimpleQueue[tuple[httpx.Response | None, Exception | None]] = (
             queue.SimpleQueue()
         )
-        state = {"done": False}
-        lock = threading.Lock()
+        decided = threading.Event()
 
         def run(req: httpx.Request) -> None:
             try:
@@ -1064,54 +1162,60 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 )
             except Exception as exc:
                 outcome = (None, exc)
-            with lock:
-                if not state["done"]:
-                    results.put(outcome)
-                    return
-            if outcome[0] is not None:
-                outcome[0].close()  # a loser that answered after the race was decided
+            finally:
+                with self._pool_lock:
+                    self._pool_busy -= 1
+            results.put(outcome)
+            if decided.is_set():
+                self._drain(results)  # the race is over: close what arrives late
 
-        def submit(req: httpx.Request) -> None:
+        def submit(req: httpx.Request) -> bool:
+            with self._pool_lock:
+                if self._pool_busy >= hedge.max_workers:
+                    return False
+                self._pool_busy += 1
             pool.submit(contextvars.copy_context().run, run, req)
+            return True
 
-        submit(request)
+        if not submit(request):
+            return self._attempt(request, call)
         launched, finished = 1, 0
+        more = hedge.max_hedges > 0
         kept: list[httpx.Response] = []
         failure: Exception | None = None
         next_at = self._clock.monotonic() + delay
         try:
             while finished < launched:
-                timeout = None
-                if launched <= self.hedge.max_hedges:
-                    timeout = max(0.0, next_at - self._clock.monotonic())
+                timeout = max(0.0, next_at - self._clock.monotonic()) if more else None
                 try:
                     response, exc = results.get(timeout=timeout)
                 except queue.Empty:
-                    if self._may_hedge(request, launched, delay * launched):
-                        submit(_clone(request))
+                    clone = _clone(request)
+                    room = self._pool_busy < hedge.max_workers
+                    if (
+                        room
+                        and self._may_hedge(request, launched, delay * launched)
+                        and submit(clone)
+                    ):
                         launched += 1
                         next_at += delay
+                        more = launched <= hedge.max_hedges
                     else:
-                        next_at = float("inf")
-                        launched = self.hedge.max_hedges + 1 if launched == 1 else launched
+                        more = False
                     continue
                 finished += 1
                 if response is None:
                     failure = exc
                 elif self._good(response):
+                    for extra in kept:
+                        extra.close()
+                    kept = []
                     return response
                 else:
                     kept.append(response)
         finally:
-            with lock:
-                state["done"] = True
-            while True:  # answers that arrived while the race was being decided
-                try:
-                    late, _ = results.get_nowait()
-                except queue.Empty:
-                    break
-                if late is not None and late not in kept:
-                    late.close()
+            decided.set()
+            self._drain(results)
         if kept:
             for extra in kept[:-1]:
                 extra.close()
@@ -1119,8 +1223,57 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         assert failure is not None
         raise failure
 
+    @staticmethod
+    def _drain(
+        results: queue.SimpleQueue[tuple[httpx.Response | None, Exception | None]],
+    ) -> None:
+        while True:
+            try:
+                late, _ = results.get_nowait()
+            except queue.Empty:
+                return
+            if late is not None:
+                late.close()
+
     def _handle(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
+        guard = call.service.breaker if call.service is not None else None
+        if guard is None:
+            return self._loop(request, call)
+        gen = guard._acquire()
+        if gen == REJECTED:
+            return self._shed(request, call, guard)
+        try:
+            response = self._loop(request, call)
+        except Exception as exc:
+            guard._failure(gen, 0.0, exc)
+            raise
+        except BaseException:
+            guard._release(gen)
+            raise
+        self._judge(guard, gen, response)
+        return response
+
+    def _shed(self, request: httpx.Request, call: _Call, guard: CircuitBreaker) -> httpx.Response:
+        """The service breaker is open: a degraded answer if there is one, else refuse."""
+        exc = guard._reject()
+        self._rejected(request, exc)
+        stale = self._degraded(request, call, exc)
+        if stale is not None:
+            return stale
+        raise exc
+
+    def _judge(self, guard: CircuitBreaker, gen: int, response: httpx.Response) -> None:
+        """Report a whole request's outcome to its service breaker."""
+        info = response.extensions.get("resilient") or {}
+        if info.get("stale") or self.classifier.is_failure(response.status_code):
+            guard._failure(gen, 0.0, None)
+        elif guard._plain:
+            guard._fast_success(gen)
+        else:
+            guard._success(gen, 0.0)
+
+    def _loop(self, request: httpx.Request, call: _Call) -> httpx.Response:
         failure: Exception | None = None
         while True:
             call.attempt += 1
@@ -1161,7 +1314,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _close_services(self) -> None:
         for runtime in self._services.values():
-            runtime.service.discovery.close()
+            runtime.close()
 
     def close(self) -> None:
         self._close_services()
@@ -1217,10 +1370,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         response.stream = _ReleaseOnClose(response.stream, bulkhead)
         return response
 
-    async def _attempt_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        attempt = self._start_attempt(request, call)
+    async def _attempt_async(
+        self, request: httpx.Request, call: _Call, read_limit: float | None = None
+    ) -> httpx.Response:
+        inner = self._async_transport()
+        attempt = self._start_attempt(request, call, read_limit)
         try:
-            response = await self._async_transport().handle_async_request(request)
+            response = await inner.handle_async_request(request)
         except Exception as exc:
             self._attempt_failed(attempt, call, exc)
             raise
@@ -1231,15 +1387,30 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return response
 
     async def _round_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        if self.hedge is None:
+        hedge = self.hedge
+        if hedge is None:
             return await self._attempt_async(request, call)
-        loop = _get_running_loop()
-        delay = self._hedge_delay(request, call, allowed=loop is not None or self.hedge.trio)
+        delay = self._hedge_delay(request, call)
         if delay is None:
             return await self._attempt_async(request, call)
+        loop = _get_running_loop()
         if loop is not None:
             return await _AsyncioRace(self, request, call, delay, loop).run()
-        return await self._race_anyio(request, call, delay)
+        if hedge.trio:
+            return await self._race_anyio(request, call, delay)
+        if call.attempt > 1:
+            return await self._attempt_async(request, call)
+        try:
+            response = await self._attempt_async(request, call, read_limit=delay)
+        except httpx.ReadTimeout:
+            if not call.shortened:
+                raise
+            self._censored(request, call, delay)
+            if not self._may_hedge(request, 1, delay):
+                raise
+            return await self._attempt_async(request, call)
+        self._restore_read(request, call)
+        return response
 
     async def _race_anyio(
         self, request: httpx.Request, call: _Call, delay: float
@@ -1268,9 +1439,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, request, tg)
             launched = 1
+            start = anyio.current_time()
             while launched <= self.hedge.max_hedges:
-                with anyio.move_on_after(delay):
-                    await changed.wait()
+                due = start + delay * launched  # on schedule, whatever woke us meanwhile
+                while not winner and len(outcomes) < launched:
+                    left = due - anyio.current_time()
+                    if left <= 0:
+                        break
+                    with anyio.move_on_after(left):
+                        await changed.wait()
                 if winner or len(outcomes) == launched:
                     break  # decided, or every attempt so far has failed: let the retry loop act
                 if not self._may_hedge(request, launched, delay * launched):
@@ -1292,6 +1469,24 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     async def _handle_async(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
+        guard = call.service.breaker if call.service is not None else None
+        if guard is None:
+            return await self._loop_async(request, call)
+        gen = guard._acquire()
+        if gen == REJECTED:
+            return self._shed(request, call, guard)
+        try:
+            response = await self._loop_async(request, call)
+        except Exception as exc:
+            guard._failure(gen, 0.0, exc)
+            raise
+        except BaseException:
+            guard._release(gen)
+            raise
+        self._judge(guard, gen, response)
+        return response
+
+    async def _loop_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
         failure: Exception | None = None
         while True:
             call.attempt += 1

@@ -372,6 +372,7 @@ def test_discarded_responses_are_closed(fleet: Fleet) -> None:
         wait=0.0,
         budget=None,
         breaker=None,  # half the answers fail: a breaker would open and hide the pool
+        hedge=None,  # exact counts below: no speculative copies
         clock=FakeClock(),
     )
     statuses: Counter[int] = Counter()

@@ -1,0 +1,855 @@
+"""Hedged requests through `ResilientTransport`, against real replica servers on loopback.
+
+Every race runs on asyncio, on trio (``Hedging(trio=True)``) and, where it applies, sync with
+``Hedging(threads=True)``. A hedge goes to the same URL as its primary, so the inner transport
+(`Scripted`) slows or fails chosen attempts by adding query controls to the n-th request it sends,
+and tags every answer with that n. Hedging is about real time: waits here are real, small and
+bounded, with wide margins (a delayed server answer is always several times the hedge delay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import threading
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import httpx
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+
+import resilient as rs
+from resilient.events import Event, HedgeLaunched
+from resilient.http import Hedging
+from resilient.testing import FakeClock, Fleet
+from tests.http.conftest import wait_until_async
+
+pytestmark = pytest.mark.slow
+
+Mode = Literal["asyncio", "trio", "sync"]
+
+#: The three ways a race runs; the sync client runs in a thread under the asyncio test loop.
+ALL_MODES = pytest.mark.parametrize(
+    ("anyio_backend", "mode"),
+    [("asyncio", "asyncio"), ("trio", "trio"), ("asyncio", "sync")],
+    ids=["asyncio", "trio", "sync"],
+)
+
+#: Hedging on every client kind, so one config serves all three modes.
+EVERYWHERE = {"threads": True, "trio": True}
+
+#: Longest any single request may take before the test calls it hung.
+HANG = 3.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What `Scripted` does to one request: server-side delay and status, client read timeout."""
+
+    delay: float = 0.0
+    status: int | None = None
+    read_timeout: float | None = None
+
+
+class Scripted(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Real loopback transports (sync and async) that slow or fail chosen attempts.
+
+    The n-th request it is handed (from 0, in the order attempts reach it) gets ``script(n)``,
+    or what `then` queued for it; its response carries ``X-Attempt: n``.
+
+    Example::
+
+        inner = Scripted(first(Fault(delay=0.5)))   # the primary is slow, its hedge is not
+        inner.then(Fault(delay=0.5))                 # ... and so is the next request sent
+    """
+
+    def __init__(
+        self,
+        script: Callable[[int], Fault | None] | None = None,
+        *,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        # Plain http on loopback: verify=False only skips loading a CA bundle (~50 ms a test).
+        extra: dict[str, Any] = {"verify": False}
+        if limits is not None:
+            extra["limits"] = limits
+        self.sync = httpx.HTTPTransport(**extra)
+        self.async_ = httpx.AsyncHTTPTransport(**extra)
+        self.script = script
+        self.sent = 0
+        self.sent_at: list[float] = []  # time.perf_counter() when each request was handed over
+        self.in_flight = 0
+        self._queued: dict[int, Fault] = {}
+        self._lock = threading.Lock()
+
+    def then(self, *faults: Fault) -> int:
+        """Apply ``faults`` to the next requests sent; returns the index of the first of them."""
+        with self._lock:
+            for i, fault in enumerate(faults):
+                self._queued[self.sent + i] = fault
+            return self.sent
+
+    def _rewrite(self, request: httpx.Request) -> tuple[int, httpx.Request]:
+        with self._lock:
+            n = self.sent
+            self.sent += 1
+            self.sent_at.append(time.perf_counter())
+            fault = self._queued.pop(n, None)
+        if fault is None and self.script is not None:
+            fault = self.script(n)
+        if fault is None:
+            return n, request
+        params: dict[str, str] = {}
+        if fault.delay:
+            params["delay"] = str(fault.delay)
+        if fault.status is not None:
+            params["status"] = str(fault.status)
+        extensions = dict(request.extensions)
+        if fault.read_timeout is not None:
+            extensions["timeout"] = {**extensions.get("timeout", {}), "read": fault.read_timeout}
+        # A new request: the race clones hedges from the primary's request object.
+        return n, httpx.Request(
+            request.method,
+            request.url.copy_merge_params(params),
+            headers=request.headers,
+            stream=request.stream,
+            extensions=extensions,
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        n, request = self._rewrite(request)
+        with self._lock:
+            self.in_flight += 1
+        try:
+            response = self.sync.handle_request(request)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        response.headers["X-Attempt"] = str(n)
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        n, request = self._rewrite(request)
+        response = await self.async_.handle_async_request(request)
+        response.headers["X-Attempt"] = str(n)
+        return response
+
+    def close(self) -> None:
+        self.sync.close()
+
+    async def aclose(self) -> None:
+        await self.async_.aclose()
+
+
+def first(*faults: Fault) -> Callable[[int], Fault | None]:
+    """A script: ``faults[n]`` for the first requests, nothing after."""
+    return lambda n: faults[n] if n < len(faults) else None
+
+
+class Events:
+    """A hook that keeps every event."""
+
+    def __init__(self) -> None:
+        self.all: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.all.append(event)
+
+    @property
+    def hedges(self) -> list[HedgeLaunched]:
+        return [e for e in self.all if isinstance(e, HedgeLaunched)]
+
+
+class Harness:
+    """One client of the given mode over a transport, driven from an async test.
+
+    The sync client runs each request in a daemon thread, so a request that never returns fails
+    its test after ``hang`` seconds instead of stalling the suite.
+    """
+
+    def __init__(self, mode: str, transport: rs.ResilientTransport, *, pool: float = 2.0) -> None:
+        self.mode = mode
+        timeout = httpx.Timeout(5.0, pool=pool)
+        self.sync_client: httpx.Client | None = None
+        self.async_client: httpx.AsyncClient | None = None
+        if mode == "sync":
+            self.sync_client = httpx.Client(transport=transport, timeout=timeout)
+        else:
+            self.async_client = httpx.AsyncClient(transport=transport, timeout=timeout)
+
+    async def __aenter__(self) -> Harness:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.sync_client is not None:
+            self.sync_client.close()
+        if self.async_client is not None:
+            await self.async_client.aclose()
+
+    async def request(
+        self, method: str, url: str, *, hang: float = HANG, **kwargs: Any
+    ) -> httpx.Response:
+        if self.async_client is not None:
+            with anyio.fail_after(hang):
+                return await self.async_client.request(method, url, **kwargs)
+        client = self.sync_client
+        assert client is not None
+        box: list[httpx.Response | BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box.append(client.request(method, url, **kwargs))
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        await wait_until_async(done.is_set, timeout=hang)
+        outcome = box[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("GET", url, **kwargs)
+
+    def stream(self, n: int = 3) -> Iterator[bytes] | AsyncIterator[bytes]:
+        """A streamed request body of the kind this client sends."""
+
+        def chunks() -> Iterator[bytes]:
+            yield from (b"x" * 1000 for _ in range(n))
+
+        async def achunks() -> AsyncIterator[bytes]:
+            for chunk in chunks():
+                yield chunk
+
+        return chunks() if self.mode == "sync" else achunks()
+
+
+def make(
+    inner: Scripted, hedge: Hedging | None, events: Events | None = None, **kwargs: Any
+) -> rs.ResilientTransport:
+    return rs.ResilientTransport(
+        transport=inner,
+        hedge=hedge,
+        hooks=[events] if events is not None else (),
+        **kwargs,
+    )
+
+
+def outcome_info(response: httpx.Response) -> dict[str, Any]:
+    """What the transport says about how it got this response."""
+    value = response.extensions["resilient"]
+    assert isinstance(value, dict)
+    return value
+
+
+def attempt_of(response: httpx.Response) -> int:
+    """Which request sent by `Scripted` this answer belongs to (0 = the first)."""
+    return int(response.headers["X-Attempt"])
+
+
+def metric_sums(reader: InMemoryMetricReader) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    if isinstance(point, NumberDataPoint):
+                        sums[metric.name] = sums.get(metric.name, 0) + point.value
+    return sums
+
+
+def hedge_tasks() -> list[asyncio.Task[Any]]:
+    """asyncio tasks still running a hedge attempt."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").endswith("._attempt_async")
+    ]
+
+
+async def assert_pool_free(h: Harness, url: str, n: int) -> None:
+    """``n`` requests at once must each get a connection: none is held by a finished race."""
+    outcomes: list[int | Exception] = []
+
+    async def one() -> None:
+        # Each holds its connection 0.3 s and waits at most 0.1 s for one: none may wait.
+        try:
+            response = await h.get(
+                url + "?delay=0.3",
+                timeout=httpx.Timeout(5.0, pool=0.1),
+                extensions={"resilient": {"hedge": False, "retry": False}},  # not PoolTimeout
+            )
+        except httpx.TransportError as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(response.status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    assert outcomes == [200] * n
+
+
+def half_open_breaker(probes: int = 2) -> rs.CircuitBreaker:
+    """A breaker (on its own fake clock) that admits exactly ``probes`` calls at once."""
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(name="hedged", half_open_probes=probes, open_for=1.0, clock=clock)
+    breaker.open()
+    clock.advance(1.0)
+    assert breaker.state == "half_open"
+    return breaker
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_default_transport_hedges_on_the_learned_p95() -> None:
+    transport = rs.ResilientTransport()
+    assert transport.hedge == Hedging()
+    assert transport.hedge.delay == "p95" and transport.hedge.max_hedges == 1
+    assert not transport.hedge.threads and not transport.hedge.trio
+    assert rs.ResilientTransport(hedge=None).hedge is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("delay", 0),
+        ("delay", -0.1),
+        ("delay", "fast"),
+        ("delay", "p100"),
+        ("delay", "p0"),
+        ("delay", float("inf")),
+        ("max_hedges", 0),
+        ("min_delay", -0.001),
+        ("min_samples", 0),
+        ("max_workers", 1),
+    ],
+)
+def test_hedging_rejects_invalid_settings(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        Hedging(**{field: value})
+
+
+def test_transport_rejects_a_hedge_that_is_not_hedging() -> None:
+    with pytest.raises(ValueError, match="hedge"):
+        rs.ResilientTransport(hedge=0.05)  # type: ignore[arg-type]
+
+
+# --- the race -----------------------------------------------------------------------------------
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_slow_primary_is_overtaken_by_its_hedge(fleet: Fleet, mode: Mode) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.5)))
+    transport = make(inner, Hedging(delay=0.05, **EVERYWHERE), events, meter_provider=provider)
+    try:
+        async with Harness(mode, transport) as h:
+            start = time.perf_counter()
+            response = await h.get(fleet.urls[0] + "/items")
+            elapsed = time.perf_counter() - start
+        sums = metric_sums(reader)
+    finally:
+        provider.shutdown()
+    assert response.status_code == 200
+    assert attempt_of(response) == 1  # the hedge's answer
+    assert outcome_info(response) == {"attempts": 1, "stale": False}  # one round, not a retry
+    assert 0.05 <= elapsed < 0.4
+    assert events.hedges == [HedgeLaunched("http", 1, 0.05)]
+    assert sums["resilient.http.hedges"] == 1
+    assert sums["resilient.http.attempts"] == 2
+    assert fleet[0].counts().by_method == {"GET": 2}
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_losers_give_their_connections_back(fleet: Fleet, mode: Mode) -> None:
+    # Async losers are cancelled at once, so 4 connections carry 20 races one after another;
+    # sync losers run to their end (0.3 s) and are closed then, so the pool must hold them all.
+    url = fleet.urls[0] + "/items"
+    n, connections = (8, 9) if mode == "sync" else (20, 4)
+    inner = Scripted(
+        lambda i: Fault(delay=0.3) if i % 2 == 0 and i < 2 * n else None,
+        limits=httpx.Limits(max_connections=connections),
+    )
+    events = Events()
+    transport = make(inner, Hedging(delay=0.02, **EVERYWHERE), events)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with Harness(mode, transport, pool=0.5) as h:
+            for i in range(n):
+                start = time.perf_counter()
+                response = await h.get(url)
+                assert time.perf_counter() - start < 0.25
+                assert attempt_of(response) == 2 * i + 1  # every race won by its hedge
+            if mode == "sync":  # the losers' late answers arrive, and are closed at once
+                await wait_until_async(lambda: inner.in_flight == 0, timeout=2.0)
+                await anyio.sleep(0.05)
+            await assert_pool_free(h, url, connections)
+        del h, response
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert len(events.hedges) == n
+    assert fleet[0].counts().total == 2 * n + connections
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_fast_primary_launches_no_hedge(fleet: Fleet, mode: Mode) -> None:
+    events = Events()
+    inner = Scripted()
+    transport = make(inner, Hedging(delay=0.25, **EVERYWHERE), events)
+    async with Harness(mode, transport) as h:
+        answered = [attempt_of(await h.get(fleet.urls[0] + "/items")) for _ in range(20)]
+    assert answered == list(range(20))
+    assert events.hedges == []
+    assert fleet[0].counts().total == 20
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_max_hedges_bounds_the_copies(fleet: Fleet, mode: Mode) -> None:
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=0.3 if n == 0 else 0.5))  # every copy is slow
+    transport = make(inner, Hedging(delay=0.05, max_hedges=2, **EVERYWHERE), events)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert attempt_of(response) == 0  # the primary answered first
+    assert 0.3 <= elapsed < 0.6
+    assert [e.hedge for e in events.hedges] == [1, 2]
+    assert [e.after for e in events.hedges] == pytest.approx([0.05, 0.1])
+    assert fleet[0].counts().total == 3
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_the_second_hedge_answers_when_the_first_is_slow_too(
+    fleet: Fleet, mode: Mode
+) -> None:
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.5), Fault(delay=0.5)))
+    transport = make(inner, Hedging(delay=0.05, max_hedges=2, **EVERYWHERE), events)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert attempt_of(response) == 2
+    assert 0.1 <= elapsed < 0.4
+    assert [e.hedge for e in events.hedges] == [1, 2]
+    assert fleet[0].counts().total == 3
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_the_next_hedge_waits_its_turn_after_an_attempt_failed(
+    fleet: Fleet, mode: Mode, request: pytest.FixtureRequest
+) -> None:
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.13, status=503), Fault(delay=0.5)))
+    transport = make(
+        inner, Hedging(delay=0.1, max_hedges=2, **EVERYWHERE), events, wait=0.0, attempts=1
+    )
+    async with Harness(mode, transport) as h:
+        response = await h.get(fleet.urls[0] + "/items")
+    assert response.status_code == 200
+    assert attempt_of(response) == 2
+    assert [e.after for e in events.hedges] == pytest.approx([0.1, 0.2])
+    assert inner.sent_at[1] - inner.sent_at[0] >= 0.09
+    assert inner.sent_at[2] - inner.sent_at[0] >= 0.19  # the primary's 503 came at 0.13
+    assert fleet[0].counts().total == 3
+
+
+def test_sync_a_full_pool_means_no_hedge_rather_than_a_queued_one(fleet: Fleet) -> None:
+    # Losers run to their end in the pool; with no free worker a request is not hedged at all
+    # (no event, no budget token) instead of queueing a hedge behind another request's loser.
+    url = fleet.urls[0] + "/items"
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=0.6) if n in (0, 2) else None)
+    transport = make(inner, Hedging(delay=0.05, threads=True, max_workers=2), events)
+    with httpx.Client(transport=transport) as client:
+        assert attempt_of(client.get(url)) == 1  # its loser keeps one of the 2 workers 0.6 s
+        response = client.get(url)
+    assert attempt_of(response) == 2  # the second request's own (slow) first attempt
+    assert len(events.hedges) == 1  # only the first request was hedged
+
+
+# --- what is never hedged -----------------------------------------------------------------------
+
+
+@ALL_MODES
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", ["post", "streamed_put", "request_off", "transport_off"])
+async def test_requests_that_are_not_hedged(fleet: Fleet, mode: Mode, case: str) -> None:
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.15)))
+    hedge = None if case == "transport_off" else Hedging(delay=0.02, **EVERYWHERE)
+    transport = make(inner, hedge, events)
+    url = fleet.urls[0] + "/items"
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        if case == "post":
+            response = await h.request("POST", url, content=b"order")
+        elif case == "streamed_put":
+            response = await h.request("PUT", url, content=h.stream())
+        elif case == "request_off":
+            response = await h.get(url, extensions={"resilient": {"hedge": False}})
+        else:
+            response = await h.get(url)
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert attempt_of(response) == 0
+    assert elapsed >= 0.15
+    assert events.hedges == []
+    assert fleet[0].counts().total == 1
+
+
+@ALL_MODES
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", ["post_with_key", "put_bytes"])
+async def test_idempotent_requests_with_replayable_bodies_are_hedged(
+    fleet: Fleet, mode: Mode, case: str
+) -> None:
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.5)))
+    transport = make(inner, Hedging(delay=0.02, **EVERYWHERE), events)
+    url = fleet.urls[0] + "/items"
+    async with Harness(mode, transport) as h:
+        if case == "post_with_key":
+            response = await h.request(
+                "POST", url, content=b"order", headers={"Idempotency-Key": "order-1"}
+            )
+        else:
+            response = await h.request("PUT", url, content=b"x" * 3000)
+    assert attempt_of(response) == 1
+    assert response.json()["body_bytes"] == (5 if case == "post_with_key" else 3000)
+    assert len(events.hedges) == 1
+    counts = fleet[0].counts()
+    assert counts.total == 2
+    if case == "post_with_key":
+        assert counts.by_key == {"order-1": 2}
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_without_threads_or_trio_a_slow_first_attempt_is_abandoned_not_raced(
+    fleet: Fleet, mode: Mode
+) -> None:
+    # asyncio races the copies for the price of a timer; a sync or trio client without
+    # threads= / trio= cuts the first attempt's read timeout to the delay, then sends one copy.
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.15), Fault(delay=0.3)))
+    transport = make(inner, Hedging(delay=0.05), events)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert outcome_info(response)["attempts"] == 1
+    assert events.hedges == [HedgeLaunched("http", 1, 0.05)]
+    assert fleet[0].counts().total == 2
+    if mode == "asyncio":
+        assert attempt_of(response) == 0  # the slow primary still won the race
+        assert 0.15 <= elapsed < 0.3
+    else:
+        assert attempt_of(response) == 1  # the primary was given up at 0.05 s
+        assert elapsed >= 0.35
+
+
+# --- the budget -----------------------------------------------------------------------------------
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_the_retry_budget_caps_hedges(fleet: Fleet, mode: Mode) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    # ratio 0 and 0.2/s over 10 s on a clock that never moves: exactly two tokens, ever.
+    budget = rs.RetryBudget(ratio=0.0, min_per_second=0.2, ttl=10.0, clock=FakeClock())
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=0.25) if n in (0, 2, 4) else None)
+    transport = make(
+        inner, Hedging(delay=0.03, **EVERYWHERE), events, budget=budget, meter_provider=provider
+    )
+    try:
+        async with Harness(mode, transport) as h:
+            url = fleet.urls[0] + "/items"
+            times: list[float] = []
+            answered: list[int] = []
+            for _ in range(3):
+                start = time.perf_counter()
+                answered.append(attempt_of(await h.get(url)))
+                times.append(time.perf_counter() - start)
+        sums = metric_sums(reader)
+    finally:
+        provider.shutdown()
+    assert answered == [1, 3, 4]  # two hedges won; the third request had to wait for its primary
+    assert times[0] < 0.2 and times[1] < 0.2 and times[2] >= 0.25
+    assert len(events.hedges) == 2
+    assert sums["resilient.http.hedges"] == 2
+    assert sums["resilient.http.retry_budget.exhausted"] == 1
+    assert budget.balance() == 0
+    assert fleet[0].counts().total == 5
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_refused_second_hedge_still_returns_the_first_answer(
+    fleet: Fleet, mode: Mode, request: pytest.FixtureRequest
+) -> None:
+    budget = rs.RetryBudget(ratio=0.0, min_per_second=0.1, ttl=10.0, clock=FakeClock())  # 1 token
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=0.3))
+    transport = make(inner, Hedging(delay=0.05, max_hedges=2, **EVERYWHERE), events, budget=budget)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert attempt_of(response) == 0
+    assert 0.3 <= elapsed < 0.6
+    assert len(events.hedges) == 1
+    assert fleet[0].counts().total == 2
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_refused_hedge_then_a_failed_primary_returns_the_failure(
+    fleet: Fleet, mode: Mode, request: pytest.FixtureRequest
+) -> None:
+    budget = rs.RetryBudget(ratio=0.0, min_per_second=0.05, ttl=10.0, clock=FakeClock())  # none
+    events = Events()
+    inner = Scripted(first(Fault(delay=0.15, status=503)))
+    transport = make(inner, Hedging(delay=0.03, **EVERYWHERE), events, budget=budget, attempts=1)
+    async with Harness(mode, transport) as h:
+        response = await h.get(fleet.urls[0] + "/items", hang=1.0)
+    assert response.status_code == 503
+    assert events.hedges == []
+    assert fleet[0].counts().total == 1
+
+
+# --- the learned p95 ------------------------------------------------------------------------------
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_p95_waits_for_min_samples_successes(fleet: Fleet, mode: Mode) -> None:
+    events = Events()
+    inner = Scripted()
+    hedge = Hedging(delay="p95", min_samples=20, **EVERYWHERE)
+    transport = make(inner, hedge, events, attempts=1, breaker=None)
+    url = fleet.urls[0] + "/items"
+    async with Harness(mode, transport) as h:
+        for _ in range(10):  # failures teach nothing about latency
+            assert (await h.get(url + "?status=503")).status_code == 503
+        for _ in range(19):
+            assert (await h.get(url)).status_code == 200
+        start = time.perf_counter()
+        await h.get(url + "?delay=0.2")  # 19 samples: not yet hedged
+        elapsed = time.perf_counter() - start
+    assert elapsed >= 0.2
+    assert events.hedges == []
+    assert fleet[0].counts().total == 30
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_p95_hedges_a_slow_request_after_warm_up_on_that_host(
+    fleet: Fleet, mode: Mode
+) -> None:
+    events = Events()
+    inner = Scripted()
+    hedge = Hedging(delay="p95", min_samples=20, **EVERYWHERE)
+    transport = make(inner, hedge, events)
+    fast, other = fleet.urls[0] + "/items", fleet.urls[1] + "/items"
+    async with Harness(mode, transport) as h:
+        for _ in range(60):  # enough for the p95 to be re-sorted past the first 20 samples
+            await h.get(fast)
+        warm_up_hedges = len(events.hedges)  # about 5 % of fast requests may be hedged too
+        warm_up_total = fleet[0].counts().total
+
+        start = time.perf_counter()
+        await h.get(other + "?delay=0.2")  # replica 1 has no samples: not hedged
+        assert time.perf_counter() - start >= 0.2
+        assert len(events.hedges) == warm_up_hedges
+
+        primary = inner.then(Fault(delay=0.5))
+        start = time.perf_counter()
+        response = await h.get(fast)
+        elapsed = time.perf_counter() - start
+    assert attempt_of(response) == primary + 1
+    assert elapsed < 0.4
+    launched = events.hedges[warm_up_hedges:]
+    assert len(launched) == 1
+    assert launched[0].hedge == 1
+    assert hedge.min_delay <= launched[0].after < 0.05
+    assert fleet[0].counts().total == warm_up_total + 2
+    assert fleet[1].counts().total == 1
+
+
+# --- failures during the race -----------------------------------------------------------------------
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_fast_failing_primary_is_retried_not_hedged(fleet: Fleet, mode: Mode) -> None:
+    events = Events()
+    inner = Scripted(first(Fault(status=503)))
+    transport = make(inner, Hedging(delay=0.2, **EVERYWHERE), events, wait=0.0)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert attempt_of(response) == 1
+    assert outcome_info(response)["attempts"] == 2
+    assert elapsed < 0.2
+    assert events.hedges == []
+    assert fleet[0].counts().by_status == {503: 1, 200: 1}
+
+
+@ALL_MODES
+@pytest.mark.anyio
+@pytest.mark.parametrize("primary", ["read_timeout", "status_503"])
+async def test_a_primary_failing_while_its_hedge_runs_lets_the_hedge_answer(
+    fleet: Fleet, mode: Mode, primary: str, request: pytest.FixtureRequest
+) -> None:
+    events = Events()
+    fault = (
+        Fault(delay=1.0, read_timeout=0.15)
+        if primary == "read_timeout"
+        else Fault(delay=0.15, status=503)
+    )
+    inner = Scripted(first(fault, Fault(delay=0.35)))
+    transport = make(inner, Hedging(delay=0.05, **EVERYWHERE), events, wait=0.0)
+    async with Harness(mode, transport) as h:
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert attempt_of(response) == 1  # the hedge, not a retry
+    assert outcome_info(response)["attempts"] == 1
+    assert 0.35 <= elapsed < 0.8
+    assert len(events.hedges) == 1
+    assert fleet[0].counts().total == 2
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_discarded_failed_answer_gives_its_connection_back(
+    fleet: Fleet, mode: Mode, request: pytest.FixtureRequest
+) -> None:
+    url = fleet.urls[0] + "/items"
+    inner = Scripted(
+        first(Fault(delay=0.1, status=503), Fault(delay=0.3)),
+        limits=httpx.Limits(max_connections=2),
+    )
+    transport = make(inner, Hedging(delay=0.05, **EVERYWHERE), wait=0.0)
+    async with Harness(mode, transport, pool=0.5) as h:
+        assert (await h.get(url)).status_code == 200
+        await assert_pool_free(h, url, 2)
+
+
+# --- cancellation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("state", ["closed", "half_open"])
+async def test_the_callers_cancellation_cancels_every_attempt(
+    fleet: Fleet, anyio_backend: str, state: str
+) -> None:
+    if state == "half_open":
+        breaker = half_open_breaker(probes=2)  # the primary and its hedge are both probes
+    else:
+        breaker = rs.CircuitBreaker(name="hedged", consecutive_failures=1, clock=FakeClock())
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=2.0))
+    transport = make(inner, Hedging(delay=0.05, trio=True), events, breaker=breaker)
+    async with Harness(anyio_backend, transport) as h:
+        start = time.perf_counter()
+        with anyio.move_on_after(0.3) as scope:
+            await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+        assert scope.cancelled_caught
+        assert elapsed < 1.0
+        if anyio_backend == "asyncio":  # cancelled hedges end within moments, not at 2 s
+            await wait_until_async(lambda: not hedge_tasks(), timeout=0.5)
+    assert len(events.hedges) == 1
+    assert fleet[0].counts().total == 2
+    assert breaker.metrics()["probes_in_flight"] == 0
+    assert breaker.state == state
+    if state == "closed":  # a cancelled attempt counts as nothing
+        assert breaker.metrics()["calls"] == 0
+
+
+@pytest.mark.anyio
+async def test_the_callers_cancellation_after_the_primary_failed_cancels_the_hedge(
+    fleet: Fleet, anyio_backend: str, request: pytest.FixtureRequest
+) -> None:
+    breaker = half_open_breaker(probes=2)
+    inner = Scripted(first(Fault(delay=1.0, read_timeout=0.1), Fault(delay=1.5)))
+    transport = make(inner, Hedging(delay=0.05, trio=True), breaker=breaker)
+    async with Harness(anyio_backend, transport) as h:
+        with anyio.move_on_after(0.3) as scope:
+            await h.get(fleet.urls[0] + "/items")
+        assert scope.cancelled_caught
+        try:
+            if anyio_backend == "asyncio":
+                await wait_until_async(lambda: not hedge_tasks(), timeout=0.5)
+            assert breaker.metrics()["probes_in_flight"] == 0
+        finally:
+            if anyio_backend == "asyncio":  # the bug's leftovers must not run into later tests
+                for task in hedge_tasks():
+                    task.cancel()
+    assert fleet[0].counts().total == 2
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="cancellation counts are Python 3.11+")
+async def test_asyncio_a_winning_hedge_leaves_no_cancellation_behind(fleet: Fleet) -> None:
+    inner = Scripted(lambda n: Fault(delay=0.5) if n % 2 == 0 else None)
+    transport = make(inner, Hedging(delay=0.03))
+    task = asyncio.current_task()
+    assert task is not None
+    async with Harness("asyncio", transport) as h:
+        with anyio.move_on_after(5.0) as scope:  # an enclosing scope must not see the race's cancel
+            response = await h.get(fleet.urls[0] + "/items")
+        assert not scope.cancelled_caught
+        assert attempt_of(response) == 1
+        if sys.version_info >= (3, 11):
+            assert task.cancelling() == 0
+        await asyncio.sleep(0.01)  # no cancellation pending either
+        response = await h.get(fleet.urls[0] + "/items")
+        assert attempt_of(response) == 3
+        if sys.version_info >= (3, 11):
+            assert task.cancelling() == 0
+        await wait_until_async(lambda: not hedge_tasks(), timeout=0.5)
