@@ -39,7 +39,6 @@ class Replica:
     __slots__ = (
         "_stamp",
         "attributes",
-        "base",
         "breaker",
         "ejected",
         "ejected_until",
@@ -47,8 +46,7 @@ class Replica:
         "ewma",
         "failures",
         "in_flight",
-        "key",
-        "name",
+        "route",
         "successes",
         "unhealthy",
         "url",
@@ -57,12 +55,19 @@ class Replica:
     def __init__(self, endpoint: Endpoint, breaker: CircuitBreaker | None = None) -> None:
         self.endpoint = endpoint
         self.url = endpoint.url
-        self.base = httpx.URL(endpoint.url)
-        port = self.base.port or (443 if self.base.scheme == "https" else 80)
-        self.name = f"{self.base.host}:{port}"
-        self.key = (self.base.raw_host, self.base.port)
+        base = httpx.URL(endpoint.url)
+        port = base.port or (443 if base.scheme == "https" else 80)
+        # What routing needs, without keeping an httpx.URL (a third of a replica's memory):
+        # scheme, host, port, path prefix, and the Host header value.
+        self.route: tuple[str, str, int | None, bytes, str] = (
+            base.scheme,
+            base.host,
+            base.port,
+            base.raw_path.rstrip(b"/"),
+            base.netloc.decode("ascii"),
+        )
         self.attributes: dict[str, str | int] = {
-            "server.address": self.base.host,
+            "server.address": base.host,
             "server.port": port,
         }
         self.breaker = breaker
@@ -77,6 +82,11 @@ class Replica:
 
     def __repr__(self) -> str:
         return f"Replica({self.url!r}, in_flight={self.in_flight}, ewma={self.ewma:.4f})"
+
+    @property
+    def name(self) -> str:
+        """``host:port``: how breakers and telemetry name the replica (derived, not stored)."""
+        return f"{self.attributes['server.address']}:{self.attributes['server.port']}"
 
     def available(self, now: float) -> bool:
         """May the balancer choose it (outside panic mode)? An ejected replica may be chosen
@@ -109,9 +119,10 @@ class Replica:
 
     def observe_failure(self, seconds: float, now: float) -> None:
         """A failed attempt can only raise the estimate (a timeout is slow; a refusal is not
-        fast service)."""
-        if seconds > self.ewma or self._stamp < 0:
-            self.ewma = max(self.ewma, seconds)
+        fast service); a replica never measured stays unmeasured, keeping its in-flight
+        penalty."""
+        if self._stamp >= 0 and seconds > self.ewma:
+            self.ewma = seconds
             self._stamp = now
 
 

@@ -33,16 +33,18 @@ __all__ = ["ReplicaStatistics", "Service", "ServiceRuntime", "default_replica_br
 
 
 def default_replica_breaker(name: str, clock: Clock, hooks: Sequence[Hook]) -> CircuitBreaker:
-    """The breaker that ejects a replica: 5 failures in a row, or 30 % of ≥ 10 calls in 10 s.
+    """The breaker that ejects a replica: 5 failures in a row, or 30 % of its last 20 calls
+    (with at least 10 made).
 
-    Ejection lasts 5 s and doubles on each failed probe, up to 60 s.
+    Ejection lasts 5 s and doubles on each failed probe, up to 60 s. A count window, not a time
+    window: a fleet may have thousands of replicas, and it is a fifth of the memory.
     """
     return CircuitBreaker(
         name=name,
         consecutive_failures=5,
         failure_rate=0.3,
         min_calls=10,
-        window=10.0,
+        window_calls=20,
         open_for=5.0,
         clock=clock,
         hooks=hooks,
@@ -190,7 +192,7 @@ class ServiceRuntime:
         hook = functools.partial(self._breaker_event, link)
         if self.service.breaker is not None:
             breaker = self.service.breaker(name)
-            object.__setattr__(breaker, "hooks", (*breaker.hooks, hook))
+            object.__setattr__(breaker, "hooks", (*breaker.hooks, hook, *self.hooks))
         else:
             breaker = self._default_breaker(name, self.clock, (hook, *self.hooks))
         link.breaker = breaker
@@ -295,17 +297,16 @@ class ServiceRuntime:
         # Tiers in order of preference; a tier with too many replicas out spills its load over to
         # the next, and only when no tier has a usable replica does the first panicking tier take
         # it, ignoring health (Envoy's per-priority panic).
-        panicking: tuple[Replica, ...] | None = None
+        panicking: list[tuple[Replica, ...]] = []
         for index, tier in enumerate(self.tiers):
             if self._tier_panics(index):
-                if panicking is None:
-                    panicking = tier
+                panicking.append(tier)
                 continue
             replica = balancer.pick(tier, tried, False, now)
             if replica is not None:
                 return replica
-        if panicking is not None:
-            replica = balancer.pick(panicking, tried, True, now)
+        for tier in panicking:  # in order of preference, each before going round again
+            replica = balancer.pick(tier, tried, True, now)
             if replica is not None:
                 return replica
         if tried:  # every replica has been tried: go round again rather than give up

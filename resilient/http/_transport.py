@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -119,6 +119,15 @@ class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
             await self.inner.aclose()
 
 
+def _tracing_installed() -> bool:
+    """Has the application installed a tracer provider (an SDK)? Checked per attempt, cheaply:
+    ``trace.get_tracer_provider()`` reads ``os.environ`` every time it is called."""
+    provider = getattr(trace, "_TRACER_PROVIDER", _DEFAULT)
+    if provider is _DEFAULT:  # the API's internals changed: ask it the public way
+        return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return provider is not None
+
+
 def _quantile(spec: str) -> float | None:
     """``"p95"`` -> 0.95; None if ``spec`` is not of that form."""
     match = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)", spec)
@@ -178,9 +187,11 @@ class _Call:
         "deadline_at",
         "full_read",
         "hedge",
+        "host",
         "idempotent",
         "last_duration",
         "logical",
+        "logical_host",
         "retry",
         "sent",
         "service",
@@ -200,7 +211,9 @@ class _Call:
         self.last_duration = 0.0
         self.service: ServiceRuntime | None = None
         self.logical: httpx.URL | None = None
+        self.logical_host: str | None = None
         self.tried: list[Replica] = []
+        self.host: _Host | None = None
         self.timeouts: dict[str, float | None] | None = None
         self.shortened = False
         self.full_read: float | None = None
@@ -258,11 +271,14 @@ class Hedging:
     threads: bool = False
     trio: bool = False
     max_workers: int = 32
+    _quantile: float | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if isinstance(self.delay, str):
-            if _quantile(self.delay) is None:
+            q = _quantile(self.delay)
+            if q is None:
                 raise ValueError(f"delay must be seconds or 'pNN' (e.g. 'p95'), got {self.delay!r}")
+            object.__setattr__(self, "_quantile", q)
         else:
             check_positive("delay", self.delay)
         check_count("max_hedges", self.max_hedges)
@@ -620,18 +636,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return None
         if call.body is not None:  # a streamed body cannot be sent twice
             return None
-        if isinstance(hedge.delay, str):
-            q = _quantile(hedge.delay)
-            assert q is not None
+        q = hedge._quantile
+        if q is not None:
             learned = self._latency(request, call).quantile(q, hedge.min_samples)
             return None if learned is None else max(hedge.min_delay, learned)
+        assert isinstance(hedge.delay, float | int)
         return hedge.delay
 
     def _latency(self, request: httpx.Request, call: _Call) -> LatencyWindow:
         """Latencies that predict this request's: its service's, or its host's."""
         if call.service is not None:
             return call.service.latency
-        return self._host(request.url).latency
+        if call.host is None:
+            call.host = self._host(request.url)
+        return call.host.latency
 
     def _may_hedge(self, request: httpx.Request, number: int, after: float) -> bool:
         """Take a budget token for hedge ``number`` and report it; False if there is none."""
@@ -693,6 +711,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if service is not None:
                 call.service = service
                 call.logical = url
+                call.logical_host = request.headers.get("Host")
         if self.budget is not None:
             self.budget.deposit()
         return call
@@ -931,20 +950,17 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         request: httpx.Request, logical: httpx.URL, replica: Replica, service: ServiceRuntime
     ) -> None:
         """Point the request at a replica: its scheme, host, port and path prefix."""
-        base = replica.base
+        scheme, host, port, prefix, netloc = replica.route
         raw_path = logical.raw_path
-        prefix = base.raw_path.rstrip(b"/")
         if prefix:
             raw_path = prefix + raw_path
-        request.url = logical.copy_with(
-            scheme=base.scheme, host=base.host, port=base.port, raw_path=raw_path
-        )
+        request.url = logical.copy_with(scheme=scheme, host=host, port=port, raw_path=raw_path)
         server_name = service.service.tls_server_name
         if server_name:
             request.headers["Host"] = server_name
             request.extensions = {**request.extensions, "sni_hostname": server_name}
         else:
-            request.headers["Host"] = base.netloc.decode("ascii")
+            request.headers["Host"] = netloc
 
     def _start_attempt(
         self, request: httpx.Request, call: _Call, read_limit: float | None = None
@@ -957,7 +973,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             attributes = replica.attributes
             replica.in_flight += 1
         else:
-            host = self._host(request.url)
+            host = call.host
+            if host is None:
+                host = call.host = self._host(request.url)
             breaker = host.breaker
             gen = 0
             if breaker is not None:
@@ -969,9 +987,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._prepare(request, call, read_limit)
         self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
-        if self._tracer_given or not isinstance(
-            trace.get_tracer_provider(), trace.ProxyTracerProvider
-        ):
+        if self._tracer_given or _tracing_installed():
             span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
             if span.is_recording():
                 # Attributes, redaction and propagation only when someone records.
@@ -1237,6 +1253,26 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
+        if call.logical is None:
+            return self._guarded(request, call)
+        try:
+            return self._guarded(request, call)
+        finally:
+            self._unroute(request, call)
+
+    @staticmethod
+    def _unroute(request: httpx.Request, call: _Call) -> None:
+        """Give the caller back the request it sent: httpx uses ``response.request`` for
+        redirects and cookies, which must stay on the service, not on one replica."""
+        assert call.logical is not None
+        request.url = call.logical
+        if call.logical_host is None:
+            request.headers.pop("Host", None)
+        else:
+            request.headers["Host"] = call.logical_host
+        request.extensions.pop("sni_hostname", None)
+
+    def _guarded(self, request: httpx.Request, call: _Call) -> httpx.Response:
         guard = call.service.breaker if call.service is not None else None
         if guard is None:
             return self._loop(request, call)
@@ -1469,6 +1505,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     async def _handle_async(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
+        if call.logical is None:
+            return await self._guarded_async(request, call)
+        try:
+            return await self._guarded_async(request, call)
+        finally:
+            self._unroute(request, call)
+
+    async def _guarded_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
         guard = call.service.breaker if call.service is not None else None
         if guard is None:
             return await self._loop_async(request, call)

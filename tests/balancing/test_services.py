@@ -1,0 +1,684 @@
+"""Logical services through `ResilientTransport`, against three real replica processes on loopback.
+
+Replicas are killed (SIGKILL), frozen (SIGSTOP), restarted and made to fail; what each attempt did
+is seen from both ends: an inner transport that records every attempt it is handed, and the
+replicas' own exact counts. Retries do not wait (``wait=0.0``); hedging is off so that counts are
+exact. Real time is used only where the behaviour is about it (read timeouts, ejection times), in
+small bounded amounts.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+
+import resilient as rs
+from resilient.balancing import PowerOfTwo, ReplicaStatistics, Service
+from resilient.discovery import Static
+from resilient.testing import FakeClock, Fleet
+from resilient.testing import Replica as FleetReplica
+
+pytestmark = pytest.mark.slow
+
+FLEET_SEED = 20_251_126
+WORKERS = 8
+#: The default replica breaker opens after this many failures in a row.
+CONSECUTIVE = 5
+
+
+# -- fixtures and helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet_processes() -> Iterator[Fleet]:
+    with Fleet(3, seed=FLEET_SEED) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def fleet(fleet_processes: Fleet) -> Fleet:
+    """Every replica running (a fresh process if it was killed or frozen), fault-free, counts zero.
+
+    A frozen replica is restarted rather than thawed: once thawed it would still read and count
+    the requests that timed out while it was stopped.
+    """
+    for replica in fleet_processes:
+        if replica.state != "running":
+            replica.restart()
+        replica.set_faults()
+        replica.reset_counts()
+    return fleet_processes
+
+
+class Sent:
+    """One attempt as the inner transport was handed it (the transport reuses the request object)."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.url = request.url
+        self.headers = request.headers.copy()
+        self.extensions = dict(request.extensions)
+        self.request_id = self.headers.get("x-request-id")
+
+
+class Recording(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A real inner transport (sync and async) that records each attempt it is handed."""
+
+    def __init__(self) -> None:
+        self.sync = httpx.HTTPTransport()
+        self.async_ = httpx.AsyncHTTPTransport()
+        self.sent: list[Sent] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(Sent(request))
+        return self.sync.handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(Sent(request))
+        return await self.async_.handle_async_request(request)
+
+    def close(self) -> None:
+        self.sync.close()
+
+    async def aclose(self) -> None:
+        await self.async_.aclose()
+
+    def ports(self, since: int = 0) -> Counter[int | None]:
+        """Attempts per replica port, from attempt number ``since`` on."""
+        return Counter(s.url.port for s in self.sent[since:])
+
+    def attempts_of(self, request_id: str) -> list[int | None]:
+        return [s.url.port for s in self.sent if s.request_id == request_id]
+
+
+def transport(
+    fleet: Fleet, inner: Recording | None = None, service: Service | None = None, **options: Any
+) -> rs.ResilientTransport:
+    options.setdefault("wait", 0.0)
+    options.setdefault("hedge", None)
+    spec: Service | list[str] = service if service is not None else fleet.urls
+    return rs.ResilientTransport(inner, services={"orders": spec}, **options)
+
+
+def seeded_p2c(seed: int = 5) -> PowerOfTwo:
+    return PowerOfTwo(random=random.Random(seed).random)
+
+
+def short_breaker(
+    made: dict[str, rs.CircuitBreaker] | None = None, *, failures: int = 2, open_for: float = 0.5
+) -> Callable[[str], rs.CircuitBreaker]:
+    """A replica breaker that opens after ``failures`` in a row, for a fixed ``open_for``."""
+
+    def build(name: str) -> rs.CircuitBreaker:
+        breaker = rs.CircuitBreaker(
+            name=name,
+            consecutive_failures=failures,
+            open_for=open_for,
+            open_for_multiplier=1.0,
+            max_open_for=open_for,
+        )
+        if made is not None:
+            made[name] = breaker
+        return breaker
+
+    return build
+
+
+def stats(t: rs.ResilientTransport) -> list[ReplicaStatistics]:
+    return t.statistics()["orders"]
+
+
+def by_port(t: rs.ResilientTransport) -> dict[int | None, ReplicaStatistics]:
+    return {httpx.URL(s.url).port: s for s in stats(t)}
+
+
+def get_many(
+    client: httpx.Client, n: int, path: str = "/x", workers: int = WORKERS
+) -> list[httpx.Response]:
+    """``n`` GETs from ``workers`` threads; every response is read and closed."""
+
+    def one(i: int) -> httpx.Response:
+        return client.get(f"http://orders{path}", headers={"X-Request-Id": f"get-{i}"})
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(n)))
+
+
+async def aget_many(
+    client: httpx.AsyncClient, n: int, path: str = "/x", workers: int = WORKERS
+) -> list[httpx.Response]:
+    """``n`` GETs from ``workers`` concurrent tasks (asyncio or trio)."""
+    responses: list[httpx.Response] = []
+    numbers = iter(range(n))
+
+    async def worker() -> None:
+        for i in numbers:
+            responses.append(
+                await client.get(f"http://orders{path}", headers={"X-Request-Id": f"get-{i}"})
+            )
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(workers):
+            tg.start_soon(worker)
+    return responses
+
+
+def served_by(responses: Sequence[httpx.Response]) -> Counter[int]:
+    return Counter(int(r.headers["x-replica"]) for r in responses)
+
+
+def assert_spread(responses: Sequence[httpx.Response], fleet: Fleet, live: Sequence[int]) -> None:
+    """Every response is a 200 from a live replica, and each live replica took a fair part."""
+    assert Counter(r.status_code for r in responses) == {200: len(responses)}
+    counts = served_by(responses)
+    assert set(counts) <= set(live)
+    for i in live:
+        assert counts[i] >= 0.1 * len(responses), counts
+    assert sum(fleet[i].counts().by_status.get(200, 0) for i in live) >= len(responses)
+
+
+def check_ejection(
+    t: rs.ResilientTransport,
+    inner: Recording,
+    bad: FleetReplica,
+    batch: Callable[[], list[httpx.Response]],
+    fleet: Fleet,
+    live: Sequence[int],
+) -> int:
+    """Send batches until ``bad`` is ejected; check that no request failed, that ejection took a
+    bounded number of attempts, and that traffic then moves to the others. Returns the attempts
+    ``bad`` got."""
+    mark = len(inner.sent)
+    responses: list[httpx.Response] = []
+    deadline = time.monotonic() + 10.0
+    while by_port(t)[bad.port].state != "ejected":
+        assert time.monotonic() < deadline, stats(t)
+        responses += batch()
+    to_bad = inner.ports(mark)[bad.port]
+    # 5 failures in a row open its breaker, plus at most one attempt per worker already under way.
+    assert CONSECUTIVE <= to_bad <= CONSECUTIVE + WORKERS, to_bad
+    replica = by_port(t)[bad.port]
+    assert replica.breaker == "open"
+    mark = len(inner.sent)
+    responses += batch() + batch()
+    assert inner.ports(mark)[bad.port] == 0
+    assert_spread(responses, fleet, live)
+    assert by_port(t)[bad.port].failures >= to_bad
+    assert all(s.in_flight == 0 for s in stats(t))
+    return to_bad
+
+
+# -- routing -----------------------------------------------------------------------------------------------
+
+
+def test_a_logical_url_reaches_a_replica_with_its_path_and_query(fleet: Fleet) -> None:
+    inner = Recording()
+    with httpx.Client(transport=transport(fleet, inner), timeout=5.0) as client:
+        response = client.get("http://orders/v1/items?q=1&status=203")
+        assert response.status_code == 203  # the query reached the replica: it set the status
+        body = response.json()
+        assert body["path"] == "/v1/items" and body["method"] == "GET"
+        replica = fleet[body["replica"]]
+        assert str(inner.sent[-1].url) == f"{replica.url}/v1/items?q=1&status=203"
+
+        echoed = client.get("http://ORDERS/echo-headers")  # host names are case-insensitive
+        assert echoed.status_code == 200
+        port = inner.sent[-1].url.port
+        assert echoed.json()["host"] == f"127.0.0.1:{port}"
+        assert port in {r.port for r in fleet}
+
+
+def test_a_replica_url_with_a_path_prefix_keeps_it(fleet: Fleet) -> None:
+    service = Service(discovery=Static([f"{u}/api" for u in fleet.urls]))
+    with httpx.Client(transport=transport(fleet, service=service), timeout=5.0) as client:
+        body = client.get("http://orders/v1/items?q=1").json()
+    assert body["path"] == "/api/v1/items"
+
+
+def test_other_hosts_pass_through_untouched(fleet: Fleet) -> None:
+    inner = Recording()
+    t = transport(fleet, inner)
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        direct = client.get(f"{fleet.urls[1]}/direct?q=1")
+        assert direct.json() == {"replica": 1, "method": "GET", "path": "/direct", "body_bytes": 0}
+        echoed = client.get(f"{fleet.urls[2]}/echo-headers")
+        assert echoed.json()["host"] == f"127.0.0.1:{fleet[2].port}"
+    assert [str(r.url) for r in inner.sent] == [
+        f"{fleet.urls[1]}/direct?q=1",
+        f"{fleet.urls[2]}/echo-headers",
+    ]
+    # Not the service's traffic: its replicas saw nothing.
+    assert all(s.successes == s.failures == 0 for s in stats(t))
+
+
+def test_tls_server_name_sets_the_host_header_and_sni(fleet: Fleet) -> None:
+    inner = Recording()
+    service = Service(discovery=Static(fleet.urls), tls_server_name="orders.internal")
+    with httpx.Client(transport=transport(fleet, inner, service), timeout=5.0) as client:
+        echoed = client.get("http://orders/echo-headers")
+    assert echoed.json()["host"] == "orders.internal"
+    assert inner.sent[-1].extensions["sni_hostname"] == "orders.internal"
+    assert inner.sent[-1].url.host == "127.0.0.1"
+
+    plain = Recording()
+    with httpx.Client(transport=transport(fleet, plain), timeout=5.0) as client:
+        client.get("http://orders/echo-headers")
+    assert "sni_hostname" not in plain.sent[-1].extensions
+
+
+# -- load spread and ejection -------------------------------------------------------------------------
+
+
+def test_load_spreads_and_a_killed_replica_is_ejected_without_failing_a_request(
+    fleet: Fleet,
+) -> None:
+    inner = Recording()
+    t = transport(fleet, inner)
+    dead = fleet[0]
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        assert_spread(get_many(client, 150), fleet, live=[0, 1, 2])
+        dead.kill()
+        check_ejection(t, inner, dead, lambda: get_many(client, 60), fleet, live=[1, 2])
+
+
+def test_a_frozen_replica_is_ejected_after_read_timeouts_without_failing_a_get(
+    fleet: Fleet,
+) -> None:
+    inner = Recording()
+    t = transport(fleet, inner)
+    frozen = fleet[1]
+    with httpx.Client(transport=t, timeout=0.5) as client:
+        get_many(client, 60)
+        frozen.freeze()
+        check_ejection(t, inner, frozen, lambda: get_many(client, 60), fleet, live=[0, 2])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_async_load_spread_and_ejection(fleet: Fleet, fault: str) -> None:
+    inner = Recording()
+    t = transport(fleet, inner)
+    bad = fleet[2]
+    async with httpx.AsyncClient(transport=t, timeout=0.5) as client:
+        assert_spread(await aget_many(client, 150), fleet, live=[0, 1, 2])
+        await anyio.to_thread.run_sync(bad.kill if fault == "kill" else bad.freeze)
+        mark = len(inner.sent)
+        responses: list[httpx.Response] = []
+        deadline = time.monotonic() + 10.0
+        while by_port(t)[bad.port].state != "ejected":
+            assert time.monotonic() < deadline, stats(t)
+            responses += await aget_many(client, 60)
+        to_bad = inner.ports(mark)[bad.port]
+        mark = len(inner.sent)
+        responses += await aget_many(client, 150)
+    assert_spread(responses, fleet, live=[0, 1])
+    assert CONSECUTIVE <= to_bad <= CONSECUTIVE + WORKERS, to_bad
+    assert inner.ports(mark)[bad.port] == 0
+    assert all(s.in_flight == 0 for s in stats(t))
+
+
+@pytest.mark.parametrize(("fault", "repair"), [("kill", "restart"), ("freeze", "thaw")])
+def test_a_recovered_replica_gets_traffic_again_after_its_ejection_time(
+    fleet: Fleet, fault: str, repair: str
+) -> None:
+    service = Service(discovery=Static(fleet.urls), breaker=short_breaker(failures=2, open_for=0.5))
+    t = transport(fleet, service=service)
+    bad = fleet[0]
+    with httpx.Client(transport=t, timeout=0.3) as client:
+        get_many(client, 30)
+        getattr(bad, fault)()
+        deadline = time.monotonic() + 10.0
+        while by_port(t)[bad.port].state != "ejected":
+            assert time.monotonic() < deadline, stats(t)
+            assert {r.status_code for r in get_many(client, 8)} == {200}
+        ejected_at = time.monotonic()
+        getattr(bad, repair)()
+        before = by_port(t)[bad.port].successes
+        # While ejected it gets nothing; once 0.5 s are over, a probe passes and it is back.
+        while by_port(t)[bad.port].state != "healthy":
+            assert time.monotonic() < deadline, stats(t)
+            assert {r.status_code for r in get_many(client, 8)} == {200}
+        back_at = time.monotonic()
+        responses = get_many(client, 90)
+    assert back_at - ejected_at >= 0.5 - 0.05
+    assert by_port(t)[bad.port].successes > before
+    assert served_by(responses)[bad.index] > 0
+    assert by_port(t)[bad.port].breaker == "closed"
+
+
+def test_with_two_of_three_dead_every_get_succeeds_and_the_dead_are_still_probed(
+    fleet: Fleet,
+) -> None:
+    inner = Recording()
+    service = Service(
+        discovery=Static(fleet.urls),
+        balancer=seeded_p2c(),
+        breaker=short_breaker(failures=2, open_for=0.25),
+    )
+    t = transport(fleet, inner, service)
+    fleet[0].kill()
+    fleet[1].kill()
+    responses: list[httpx.Response] = []
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:
+            responses.extend(get_many(client, 8, workers=2))
+    assert Counter(r.status_code for r in responses) == {200: len(responses)}
+    assert set(served_by(responses)) == {2}
+    runtime_stats = by_port(t)
+    assert all(runtime_stats[fleet[i].port].state in ("ejected", "half_open") for i in (0, 1))
+    # Still tried: two refusals opened each breaker, then a probe at least every 0.25 s.
+    tries = inner.ports()
+    for i in (0, 1):
+        assert tries[fleet[i].port] >= 2 + 3, tries
+        assert runtime_stats[fleet[i].port].failures == tries[fleet[i].port]
+    assert tries[fleet[2].port] == len(responses)
+
+
+@pytest.mark.parametrize("max_ejection", [0.5, 1.0])
+def test_panic_mode_sends_rather_than_refuses_when_every_replica_is_ejected(
+    fleet: Fleet, max_ejection: float
+) -> None:
+    made: dict[str, rs.CircuitBreaker] = {}
+    service = Service(
+        discovery=Static(fleet.urls),
+        breaker=short_breaker(made, open_for=30.0),
+        max_ejection=max_ejection,
+    )
+    t = transport(fleet, service=service)
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        assert client.get("http://orders/warm").status_code == 200
+        for breaker in made.values():
+            breaker.open()  # e.g. a blip made all three fail; they are fine again now
+        assert [s.state for s in stats(t)] == ["ejected"] * 3
+        if max_ejection == 1.0:  # every replica may be ejected: nothing to send to
+            with pytest.raises(rs.NoHealthyEndpoints, match="orders"):
+                client.get("http://orders/x")
+            assert fleet.total_requests() == 1
+        else:
+            responses = [client.get("http://orders/x") for _ in range(30)]
+            assert {r.status_code for r in responses} == {200}
+            assert fleet.total_requests() == 31
+
+
+# -- what is retried, and where ---------------------------------------------------------------------------
+
+
+def test_a_get_answered_503_is_retried_on_a_replica_not_yet_tried(fleet: Fleet) -> None:
+    inner = Recording()
+    fleet[0].set_faults(error_rate=1.0)
+    fleet[1].set_faults(error_rate=1.0)
+    with httpx.Client(transport=transport(fleet, inner), timeout=5.0) as client:
+        responses = get_many(client, 90)
+    # Three attempts are enough only if no attempt goes back to a replica that answered 503.
+    assert Counter(r.status_code for r in responses) == {200: 90}
+    assert set(served_by(responses)) == {2}
+    counts = fleet.counts()
+    for replica in counts.replicas:
+        assert max(replica.by_key.values(), default=0) <= 1
+    assert counts.replicas[0].total + counts.replicas[1].total >= 2 * CONSECUTIVE  # retried
+    for i in range(90):  # every attempt the client made arrived, once, where it was sent
+        assert counts.by_key[f"get-{i}"] == len(inner.attempts_of(f"get-{i}"))
+
+
+@pytest.mark.parametrize("fault", ["503", "timeout"])
+def test_a_post_without_idempotency_key_is_never_sent_to_two_replicas(
+    fleet: Fleet, fault: str
+) -> None:
+    if fault == "503":
+        fleet[0].set_faults(error_rate=1.0)
+    else:
+        fleet[0].set_faults(latency=2.0)
+    inner = Recording()
+    # No service-wide breaker: it could shed some POSTs if the faulty replica took half of the
+    # first ones, and this test is about where each POST goes, not about shedding.
+    service = Service(discovery=Static(fleet.urls), service_breaker=None)
+    outcomes: Counter[str] = Counter()
+
+    def post(i: int) -> None:
+        try:
+            response = client.post(
+                "http://orders/orders", json={"n": i}, headers={"X-Request-Id": f"post-{i}"}
+            )
+        except httpx.ReadTimeout:
+            outcomes["timeout"] += 1
+        else:
+            outcomes[str(response.status_code)] += 1
+
+    with (
+        httpx.Client(transport=transport(fleet, inner, service), timeout=0.3) as client,
+        ThreadPoolExecutor(WORKERS) as pool,
+    ):
+        list(pool.map(post, range(60)))
+    assert outcomes[fault] >= 1  # some did reach the faulty replica...
+    assert outcomes[fault] + outcomes["200"] == 60
+    counts = fleet.counts()
+    assert counts.by_method == {"POST": 60}
+    # ...and no POST was sent twice, to the same replica or another.
+    assert sorted(counts.by_key) == sorted(f"post-{i}" for i in range(60))
+    assert set(counts.by_key.values()) == {1}
+    assert len(inner.sent) == 60
+
+
+def test_a_post_refused_by_a_dead_replica_is_sent_to_another_and_arrives_once(
+    fleet: Fleet,
+) -> None:
+    inner = Recording()
+    service = Service(discovery=Static(fleet.urls), balancer=seeded_p2c())
+    dead = fleet[1]
+    dead.kill()
+    with httpx.Client(transport=transport(fleet, inner, service), timeout=5.0) as client:
+        responses = [
+            client.post("http://orders/orders", json={}, headers={"X-Request-Id": f"post-{i}"})
+            for i in range(40)
+        ]
+    assert {r.status_code for r in responses} == {200}
+    counts = fleet.counts()
+    assert sorted(counts.by_key) == sorted(f"post-{i}" for i in range(40))
+    assert set(counts.by_key.values()) == {1}
+    refused = [i for i in range(40) if dead.port in inner.attempts_of(f"post-{i}")]
+    assert refused  # connections were refused: the server never saw those, so they were resent
+    for i in refused:
+        first, second = inner.attempts_of(f"post-{i}")
+        assert first == dead.port and second != dead.port
+
+
+# -- statistics -------------------------------------------------------------------------------------------
+
+
+def test_statistics_report_state_in_flight_latency_and_outcomes(fleet: Fleet) -> None:
+    t = transport(fleet)
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        responses = get_many(client, 120)
+        served = served_by(responses)
+        counts = fleet.counts()
+        for i, s in enumerate(stats(t)):
+            assert s.url == fleet.urls[i]
+            assert (s.state, s.breaker, s.in_flight, s.failures) == ("healthy", "closed", 0, 0)
+            assert s.successes == served[i] == counts.replicas[i].total
+            assert s.ewma_ms > 0.0
+
+        # A slow request shows as in flight on the replica serving it, and raises its peak EWMA.
+        slow = threading.Thread(target=client.get, args=("http://orders/slow?delay=0.4",))
+        slow.start()
+        deadline = time.monotonic() + 5.0
+        while not any(s.in_flight for s in stats(t)):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        busy = [s for s in stats(t) if s.in_flight]
+        assert len(busy) == 1 and busy[0].in_flight == 1
+        slow.join()
+        after = {s.url: s for s in stats(t)}[busy[0].url]
+        assert after.in_flight == 0 and after.ewma_ms >= 350.0
+
+        # Not the replica that was slow: P2C keeps away from that one for a while.
+        i = next(i for i, s in enumerate(stats(t)) if s.url != busy[0].url)
+        fleet[i].set_faults(error_rate=1.0)
+        deadline = time.monotonic() + 10.0
+        while stats(t)[i].state != "ejected":
+            assert time.monotonic() < deadline, stats(t)
+            get_many(client, 30)
+    failing = stats(t)[i]
+    assert (failing.state, failing.breaker) == ("ejected", "open")
+    assert failing.failures == fleet[i].counts().by_status[503] >= CONSECUTIVE
+    assert sum(s.in_flight for s in stats(t)) == 0
+
+
+def test_the_first_request_does_not_charge_the_transports_start_up_to_its_replica(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock(100.0)
+
+    class SlowToBuild(httpx.MockTransport):
+        def __init__(self) -> None:
+            clock.advance(0.030)  # what building an httpx.HTTPTransport costs
+            super().__init__(lambda request: httpx.Response(200))
+
+    monkeypatch.setattr(httpx, "HTTPTransport", SlowToBuild)
+    t = rs.ResilientTransport(services={"orders": ["http://10.0.0.1:8000"]}, clock=clock)
+    with httpx.Client(transport=t) as client:
+        assert client.get("http://orders/x").status_code == 200
+    (replica,) = stats(t)
+    assert replica.successes == 1
+    assert replica.ewma_ms == 0.0
+
+
+# -- what the caller sees: the request object after routing ------------------------------------------
+
+
+def mock_service(
+    handler: Callable[[httpx.Request], httpx.Response],
+    hooks: Sequence[rs.events.Hook] = (),
+    **options: Any,
+) -> rs.ResilientTransport:
+    """A one-replica service behind an `httpx.MockTransport`: no fleet needed."""
+    service = Service(discovery=Static(["http://10.0.0.1:8000"]), **options)
+    return rs.ResilientTransport(
+        httpx.MockTransport(handler), services={"orders": service}, hedge=None, hooks=hooks
+    )
+
+
+def test_a_relative_redirect_stays_on_the_service() -> None:
+    sent: list[Sent] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(Sent(request))
+        if request.url.path == "/a":
+            return httpx.Response(302, headers={"Location": "/b"})
+        if request.url.host == sent[0].url.host:  # the replica that redirected is gone now
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200)
+
+    service = Service(
+        discovery=Static(["http://10.0.0.1:8000", "http://10.0.0.2:8000"]),
+        tls_server_name="orders.internal",
+    )
+    t = rs.ResilientTransport(
+        httpx.MockTransport(handler), services={"orders": service}, hedge=None, wait=0.0
+    )
+    with httpx.Client(transport=t) as client:
+        response = client.get("http://orders/a", follow_redirects=True)
+    # /b goes to the service again (not to the address that redirected): it is balanced, and
+    # when it lands on the replica that has gone it fails over to the other one.
+    assert response.status_code == 200
+    paths = [s.url.path for s in sent]
+    assert paths[0] == "/a"
+    assert set(paths[1:]) == {"/b"}
+    assert sent[-1].url.host != sent[0].url.host
+    assert {s.headers["host"] for s in sent} == {"orders.internal"}
+    assert sum(s.successes for s in stats(t)) == 2
+
+
+def test_a_cookie_set_by_a_replica_is_sent_to_the_service_again() -> None:
+    cookies: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cookies.append(request.headers.get("cookie"))
+        return httpx.Response(200, headers={"Set-Cookie": "session=abc; Path=/"})
+
+    with httpx.Client(transport=mock_service(handler)) as client:
+        client.get("http://orders/login")
+        client.get("http://orders/next")
+    assert cookies == [None, "session=abc"]
+
+
+def test_transport_hooks_see_the_events_of_a_custom_replica_breaker() -> None:
+    events: list[rs.events.Event] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    t = mock_service(handler, hooks=[events.append], breaker=short_breaker(failures=2))
+    with httpx.Client(transport=t) as client:
+        client.get("http://orders/x", extensions={"resilient": {"attempts": 2}})
+    assert stats(t)[0].breaker == "open"
+    assert any(isinstance(e, rs.events.CircuitStateChanged) for e in events)
+
+
+def test_transport_hooks_see_the_events_of_the_default_replica_breaker() -> None:
+    events: list[rs.events.Event] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    t = mock_service(handler, hooks=[events.append])
+    with httpx.Client(transport=t) as client:
+        for _ in range(3):
+            with pytest.raises(httpx.ConnectError):
+                client.get("http://orders/x")
+    assert stats(t)[0].state == "ejected"
+    changes = [e for e in events if isinstance(e, rs.events.CircuitStateChanged)]
+    assert [(c.name, c.new) for c in changes] == [("orders/10.0.0.1:8000", "open")]
+
+
+# -- active health checks through the transport --------------------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_health_checks_take_a_dead_replica_out_before_any_request_fails(fleet: Fleet) -> None:
+    check = rs.balancing.HealthCheck(
+        interval=0.05, jitter=0.0, timeout=0.2, unhealthy_threshold=2, healthy_threshold=1
+    )
+    service = Service(discovery=Static(fleet.urls), health_check=check, service_breaker=None)
+    transport = rs.ResilientTransport(services={"orders": service}, hedge=None, wait=0.0)
+    before = {t.ident for t in threading.enumerate()}
+    with httpx.Client(transport=transport, timeout=1.0) as client:
+        assert client.get("http://orders/warm-up").status_code == 200  # starts the heartbeats
+        fleet[1].kill()
+        dead = fleet.urls[1]
+
+        def dead_is_unhealthy() -> bool:
+            return any(
+                s.url == dead and s.state == "unhealthy" for s in transport.statistics()["orders"]
+            )
+
+        assert _wait_for(dead_is_unhealthy, timeout=5.0)
+        failures_before = {s.url: s.failures for s in transport.statistics()["orders"]}
+        for _ in range(60):
+            assert client.get("http://orders/x").status_code == 200
+        after = {s.url: s for s in transport.statistics()["orders"]}
+        # the balancer never chose the unhealthy replica: no attempt failed on it
+        assert after[dead].failures == failures_before[dead]
+        fleet[1].restart()
+        assert _wait_for(lambda: not dead_is_unhealthy(), timeout=5.0)
+    # closing the client closed the transport: the heartbeat threads are gone
+    assert _wait_for(lambda: {t.ident for t in threading.enumerate()} <= before, timeout=5.0), [
+        t.name for t in threading.enumerate() if t.ident not in before
+    ]
