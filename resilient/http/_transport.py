@@ -51,6 +51,7 @@ from resilient.policies.breaker import REJECTED, CircuitBreaker
 from resilient.policies.budget import RetryBudget
 from resilient.policies.bulkhead import Bulkhead
 from resilient.policies.retry import add_note, full_jitter
+from resilient.policies.timeout import loop_timer
 
 __all__ = ["Hedging", "ResilientTransport"]
 
@@ -331,6 +332,7 @@ class _AsyncioRace:
         "request",
         "task",
         "timer",
+        "timers",
         "transport",
         "winner",
     )
@@ -355,7 +357,8 @@ class _AsyncioRace:
         self.winner: httpx.Response | None = None
         self.primary = True
         self.done = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timers = loop_timer(loop)
+        self.timer: list[Any] | None = None  # our entry in the loop's shared timer
         self.changed = asyncio.Event()
 
     def _launch(self) -> None:
@@ -372,7 +375,7 @@ class _AsyncioRace:
         self.hedges.append(hedge)
         assert transport.hedge is not None
         if number < transport.hedge.max_hedges:
-            self.timer = self.loop.call_later(self.delay, self._launch)
+            self.timer = self.timers.add(self._launch, self.loop.time() + self.delay)
 
     def _finished(self, hedge: asyncio.Task[httpx.Response]) -> None:
         self.changed.set()
@@ -390,7 +393,7 @@ class _AsyncioRace:
         """End the race: no more hedges, cancel those running, close a winner nobody took."""
         self.done = True
         if self.timer is not None:
-            self.timer.cancel()
+            self.timers.finish(self.timer)
             self.timer = None
         for hedge in self.hedges:
             hedge.cancel()
@@ -418,7 +421,7 @@ class _AsyncioRace:
 
     async def run(self) -> httpx.Response:
         task = self.task
-        self.timer = self.loop.call_later(self.delay, self._launch)
+        self.timer = self.timers.add(self._launch, self.loop.time() + self.delay)
         cancelling = _cancelling(task)
         try:
             try:
@@ -917,7 +920,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica = service.pick((*call.tried, *skipped))
             if replica is None:
                 if skipped and service.panic:
-                    replica = skipped[0]
+                    replica = self._least_tried(call, skipped)
                     gen = REJECTED
                     break
                 raise NoHealthyEndpoints(
@@ -925,12 +928,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     f"({len(service.replicas)} known)",
                     name=service.name,
                 )
+            if replica in call.tried and skipped and service.panic:
+                # Every replica not tried yet refused a permit; in panic one of them is still a
+                # better bet than sending the same request to the same replica again.
+                replica = self._least_tried(call, skipped)
+                gen = REJECTED
+                break
             breaker = replica.breaker
             gen = breaker._acquire() if breaker is not None else 0
             if gen != REJECTED:
                 break
-            skipped.append(replica)
-            if len(skipped) >= len(service.replicas):
+            if replica not in skipped:
+                skipped.append(replica)
+            if len(skipped) >= len(service.replicas) or replica in call.tried:
                 if not service.panic:
                     raise (
                         breaker._reject()
@@ -939,11 +949,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                             f"service {service.name!r}: every replica refused", name=service.name
                         )
                     )
+                replica = self._least_tried(call, skipped)
                 gen = REJECTED
                 break
         call.tried.append(replica)
         self._route(request, call.logical, replica, service)
         return replica, gen
+
+    @staticmethod
+    def _least_tried(call: _Call, candidates: Sequence[Replica]) -> Replica:
+        """In panic, with every permit refused: a replica this request has not tried, if any."""
+        for replica in candidates:
+            if replica not in call.tried:
+                return replica
+        return min(candidates, key=call.tried.count)
 
     @staticmethod
     def _route(

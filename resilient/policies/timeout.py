@@ -54,15 +54,19 @@ else:  # pragma: no cover - Python 3.10 has no cancellation counts: every fired 
         return 0
 
 
-# A heap entry is a list [at, seq, task, state]: lists compare in C (at, then the unique seq),
+# A heap entry is a list [at, seq, callback, state]: lists compare in C (at, then the unique seq),
 # several times cheaper than a Python class with __lt__.
-_AT, _SEQ, _TASK, _STATE = 0, 1, 2, 3
+_AT, _SEQ, _CALLBACK, _STATE = 0, 1, 2, 3
 _LIVE, _DONE, _FIRED = 0, 1, 2
 _Entry = list[Any]
 
 
-class _LoopTimer:
-    """The deadlines of one `Timeout` on one asyncio loop, served by a single TimerHandle."""
+class LoopTimer:
+    """Many deadlines on one asyncio loop, served by a single TimerHandle.
+
+    ``add(callback, at)`` returns an entry; ``finish(entry)`` withdraws it (O(1): it is only
+    marked). A `Timeout` cancels its task from here; the HTTP transport launches hedges.
+    """
 
     __slots__ = ("count", "handle", "handle_at", "heap", "live", "loop")
 
@@ -74,8 +78,8 @@ class _LoopTimer:
         self.count = itertools.count()
         self.live = 0
 
-    def add(self, task: asyncio.Task[Any], at: float) -> _Entry:
-        entry = [at, next(self.count), task, _LIVE]
+    def add(self, callback: Callable[[], object], at: float) -> _Entry:
+        entry = [at, next(self.count), callback, _LIVE]
         heap = self.heap
         heapq.heappush(heap, entry)
         self.live += 1
@@ -106,7 +110,25 @@ class _LoopTimer:
             heapq.heappop(heap)
             entry[_STATE] = _FIRED
             self.live -= 1
-            entry[_TASK].cancel()
+            entry[_CALLBACK]()
+
+    def finish(self, entry: _Entry) -> None:
+        if entry[_STATE] == _LIVE:
+            entry[_STATE] = _DONE
+            self.live -= 1
+
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopTimer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_timer(loop: asyncio.AbstractEventLoop) -> LoopTimer:
+    """The `LoopTimer` shared by everyone on ``loop``."""
+    timer = _shared.get(loop)
+    if timer is None:
+        timer = _shared[loop] = LoopTimer(loop)
+    return timer
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -128,7 +150,7 @@ class Timeout(Policy):
     clock: Clock | None = None
     hooks: Sequence[Hook] = ()
     _clock: Clock = field(init=False, repr=False)
-    _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimer] = field(
+    _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopTimer] = field(
         init=False, repr=False
     )
     _last: list[Any] = field(init=False, repr=False)
@@ -181,14 +203,14 @@ class Timeout(Policy):
         allowed = self.seconds if _DEADLINE.get() is None else self._allowed()
         last = self._last
         if last[0] is loop:
-            timer: _LoopTimer = last[1]
+            timer: LoopTimer = last[1]
         else:
             found = self._timers.get(loop)
-            timer = found if found is not None else _LoopTimer(loop)
+            timer = found if found is not None else LoopTimer(loop)
             self._timers[loop] = timer
             last[0], last[1] = loop, timer
         cancelling = _cancelling(task)
-        entry = timer.add(task, loop.time() + allowed)
+        entry = timer.add(task.cancel, loop.time() + allowed)
         clock = self._clock
         token = _DEADLINE.set((clock, clock.monotonic() + allowed))
         try:

@@ -682,3 +682,36 @@ def test_health_checks_take_a_dead_replica_out_before_any_request_fails(fleet: F
     assert _wait_for(lambda: {t.ident for t in threading.enumerate()} <= before, timeout=5.0), [
         t.name for t in threading.enumerate() if t.ident not in before
     ]
+
+
+def test_in_panic_a_retry_goes_to_an_untried_replica_even_without_a_permit() -> None:
+    # Two of three replica breakers open (panic: 2 > 50 % of 3); the third is closed but down.
+    # Each attempt must go to a replica the request has not tried, not back to the one whose
+    # breaker happens to grant a permit (found by the availability simulation: 2, 2, 2).
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        raise httpx.ConnectError("refused", request=request)
+
+    urls = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    transport = rs.ResilientTransport(
+        httpx.MockTransport(handler),
+        services={"orders": Service(discovery=Static(urls), service_breaker=None)},
+        hedge=None,
+        wait=0.0,
+        budget=None,
+    )
+    with httpx.Client(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError):  # builds the replicas
+            client.get("http://orders/warm-up", extensions={"resilient": {"attempts": 1}})
+        runtime = transport._services["orders"]
+        for replica in runtime.replicas[:2]:
+            assert replica.breaker is not None
+            replica.breaker.open()
+        assert runtime.panic
+        hosts.clear()
+        with pytest.raises(httpx.ConnectError):
+            client.get("http://orders/x")
+    assert len(hosts) == 3
+    assert len(set(hosts)) == 3
