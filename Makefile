@@ -6,6 +6,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: test lint typecheck unit demo bench clean
 
+## The main job: a faulty local fleet served by plain httpx and by resilient, side by side.
+demo: $(BIN)/.installed
+	$(BIN)/resilient demo
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

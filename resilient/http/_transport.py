@@ -1133,8 +1133,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return self._attempt(request, call)
         if hedge.threads:
             return self._race_threads(request, call, delay)
-        if call.attempt > 1:
-            return self._attempt(request, call)
         try:
             response = self._attempt(request, call, read_limit=delay)
         except httpx.ReadTimeout:
@@ -1453,8 +1451,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return await _AsyncioRace(self, request, call, delay, loop).run()
         if hedge.trio:
             return await self._race_anyio(request, call, delay)
-        if call.attempt > 1:
-            return await self._attempt_async(request, call)
         try:
             response = await self._attempt_async(request, call, read_limit=delay)
         except httpx.ReadTimeout:
