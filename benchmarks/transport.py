@@ -417,16 +417,21 @@ def measure_throughput(
                     job.run_once(url)
                 except Exception as exc:
                     job.cell.error = _describe(exc)
-        # Every request reached the server exactly once: nothing was retried or lost.
+        # Every request reached the server: none lost, and at most a few extra copies (the
+        # default transport hedges a request slower than the learned p95, up to its budget).
         if not any(job.cell.error for job in jobs):
             expected = sum(job.sent for job in jobs)
+            hedged = sum(job.sent for job in jobs if job.resilient)
             try:
                 seen: int | str = fleet.total_requests()
             except Exception as exc:
                 seen = f"no count ({_describe(exc)})"
-            if seen != expected:
+            if not (isinstance(seen, int) and expected <= seen <= expected + 0.05 * hedged):
                 for job in jobs:
-                    job.cell.error = f"the replica counted {seen} requests, expected {expected}"
+                    job.cell.error = (
+                        f"the replica counted {seen} requests, expected {expected} "
+                        f"(+ at most 5 % hedged copies of {hedged})"
+                    )
     finally:
         for job in jobs:
             job.close()

@@ -120,6 +120,9 @@ class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
             await self.inner.aclose()
 
 
+_PROVIDER_KNOWN = hasattr(trace, "_TRACER_PROVIDER")
+
+
 def _tracing_installed() -> bool:
     """Has the application installed a tracer provider (an SDK)? Checked per attempt, cheaply:
     ``trace.get_tracer_provider()`` reads ``os.environ`` every time it is called."""
@@ -733,9 +736,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if self.deadline_header:
                 request.headers[self.deadline_header] = f"{max(left, 0.0):.3f}"
         call.shortened = False
-        if limit is None and read_limit is None:
-            if request.extensions.get("timeout") is not call.timeouts:  # undo a previous attempt's
-                request.extensions = {**request.extensions, "timeout": call.timeouts}
+        if limit is None:
+            if read_limit is None:
+                if request.extensions.get("timeout") is not call.timeouts:  # undo an earlier cut
+                    request.extensions = {**request.extensions, "timeout": call.timeouts}
+                return
+            # The common hedged case, kept short: only the read timeout is cut.
+            own = call.timeouts
+            read = own.get("read") if own else None
+            if read is None or read_limit < read:
+                call.full_read = read
+                call.shortened = True
+                cut = dict(own) if own else {}
+                cut["read"] = read_limit
+                request.extensions = {**request.extensions, "timeout": cut}
             return
         base = call.timeouts or {}
         timeouts: dict[str, float | None] = {}
@@ -1006,7 +1020,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._prepare(request, call, read_limit)
         self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
-        if self._tracer_given or _tracing_installed():
+        if self._tracer_given or (
+            trace._TRACER_PROVIDER is not None if _PROVIDER_KNOWN else _tracing_installed()
+        ):
             span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
             if span.is_recording():
                 # Attributes, redaction and propagation only when someone records.
@@ -1143,7 +1159,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 raise
             # Slower than this service's p95: abandon it and send another copy at once.
             return self._attempt(request, call)
-        self._restore_read(request, call)
+        if call.shortened:
+            self._restore_read(request, call)
         return response
 
     def _censored(self, request: httpx.Request, call: _Call, delay: float) -> None:
@@ -1271,7 +1288,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _handle(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
         if call.logical is None:
-            return self._guarded(request, call)
+            return self._loop(request, call)  # not a service: no service breaker either
         try:
             return self._guarded(request, call)
         finally:
@@ -1353,6 +1370,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 self._scheduled(request, call, decision, exc, None)
                 self._clock.sleep(decision)
                 continue
+            if response.status_code not in self.classifier.retry_statuses and (
+                self.fallback is None or response.status_code < 500
+            ):
+                return self._finish(request, call, response)  # the common case, kept short
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)
@@ -1460,7 +1481,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if not self._may_hedge(request, 1, delay):
                 raise
             return await self._attempt_async(request, call)
-        self._restore_read(request, call)
+        if call.shortened:
+            self._restore_read(request, call)
         return response
 
     async def _race_anyio(
@@ -1521,7 +1543,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     async def _handle_async(self, request: httpx.Request) -> httpx.Response:
         call = self._begin(request)
         if call.logical is None:
-            return await self._guarded_async(request, call)
+            return await self._loop_async(request, call)
         try:
             return await self._guarded_async(request, call)
         finally:
@@ -1572,6 +1594,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 self._scheduled(request, call, decision, exc, None)
                 await self._clock.sleep_async(decision)
                 continue
+            if response.status_code not in self.classifier.retry_statuses and (
+                self.fallback is None or response.status_code < 500
+            ):
+                return self._finish(request, call, response)  # the common case, kept short
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)

@@ -20,6 +20,17 @@ from resilient.policies._windows import TimeWindow
 __all__ = ["RetryBudget"]
 
 
+class _Tally:
+    """Calls deposited (a plain counter) and how many of them the window has been credited."""
+
+    __slots__ = ("calls", "folded", "since")
+
+    def __init__(self, now: float) -> None:
+        self.calls = 0
+        self.folded = 0
+        self.since = now
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class RetryBudget:
     """Cap retries at ``ratio`` of calls plus ``min_per_second``, over a sliding ``ttl`` seconds.
@@ -46,6 +57,7 @@ class RetryBudget:
     _lock: threading.Lock = field(init=False, repr=False)
     _window: TimeWindow = field(init=False, repr=False)
     _reserve: float = field(init=False, repr=False)
+    _tally: _Tally = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_positive("ratio", self.ratio, allow_zero=True)
@@ -57,20 +69,34 @@ class RetryBudget:
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_window", TimeWindow(self.ttl))
         object.__setattr__(self, "_reserve", self.min_per_second * self.ttl)
+        object.__setattr__(self, "_tally", _Tally(self._clock.monotonic()))
 
     def deposit(self) -> None:
-        """Record one call: it earns ``ratio`` tokens for ``ttl`` seconds."""
-        lock = self._lock
-        lock.acquire()  # explicit acquire/release: ~70 ns cheaper than `with` on CPython 3.11
-        try:
-            self._window.add_calls(self._clock.monotonic(), self.ratio)
-        finally:
-            lock.release()
+        """Record one call: it earns ``ratio`` tokens for ``ttl`` seconds.
+
+        Every call deposits, so this is one integer increment, with no lock and no clock: the
+        calls are folded into the window when tokens are next counted (`_fold`). Under threads
+        an increment may rarely be lost, which only makes the budget a hair stricter.
+        """
+        self._tally.calls += 1
+
+    def _fold(self, now: float) -> None:
+        """Credit the calls made since the last fold, as if spread evenly over that time: only
+        the share that falls within the last ``ttl`` seconds still counts. Under the lock."""
+        tally = self._tally
+        calls = tally.calls - tally.folded
+        if calls:
+            tally.folded += calls
+            elapsed = now - tally.since
+            share = 1.0 if elapsed <= self.ttl else self.ttl / elapsed
+            self._window.add_calls(now, calls * self.ratio * share)
+        tally.since = now
 
     def try_withdraw(self) -> bool:
         """Take one token for a retry or hedge; False (and nothing taken) when the budget is spent."""
         with self._lock:
             now = self._clock.monotonic()
+            self._fold(now)
             calls, _, _ = self._window.totals(now)
             if calls + self._reserve < 1.0:
                 return False
@@ -85,5 +111,7 @@ class RetryBudget:
     def balance(self) -> float:
         """Tokens available now (retries that may start)."""
         with self._lock:
-            calls, _, _ = self._window.totals(self._clock.monotonic())
+            now = self._clock.monotonic()
+            self._fold(now)
+            calls, _, _ = self._window.totals(now)
             return calls + self._reserve
