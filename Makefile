@@ -30,7 +30,7 @@ unit: $(BIN)/.installed
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/resilient bench
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .hypothesis

@@ -948,27 +948,36 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 replica = self._least_tried(call, skipped)
                 gen = REJECTED
                 break
+            if replica in skipped:
+                # pick() went round again to a replica that already refused: every candidate
+                # has refused, and asking again would spin.
+                if not service.panic:
+                    raise self._refused(service, replica)
+                replica = self._least_tried(call, skipped)
+                gen = REJECTED
+                break
             breaker = replica.breaker
             gen = breaker._acquire() if breaker is not None else 0
             if gen != REJECTED:
                 break
-            if replica not in skipped:
-                skipped.append(replica)
+            skipped.append(replica)
             if len(skipped) >= len(service.replicas) or replica in call.tried:
                 if not service.panic:
-                    raise (
-                        breaker._reject()
-                        if breaker is not None
-                        else NoHealthyEndpoints(
-                            f"service {service.name!r}: every replica refused", name=service.name
-                        )
-                    )
+                    raise self._refused(service, replica)
                 replica = self._least_tried(call, skipped)
                 gen = REJECTED
                 break
         call.tried.append(replica)
         self._route(request, call.logical, replica, service)
         return replica, gen
+
+    @staticmethod
+    def _refused(service: ServiceRuntime, replica: Replica) -> Exception:
+        if replica.breaker is not None:
+            return replica.breaker._reject()
+        return NoHealthyEndpoints(
+            f"service {service.name!r}: every replica refused", name=service.name
+        )
 
     @staticmethod
     def _least_tried(call: _Call, candidates: Sequence[Replica]) -> Replica:

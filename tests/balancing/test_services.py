@@ -715,3 +715,50 @@ def test_in_panic_a_retry_goes_to_an_untried_replica_even_without_a_permit() -> 
             client.get("http://orders/x")
     assert len(hosts) == 3
     assert len(set(hosts)) == 3
+
+
+def test_when_every_replica_refuses_a_permit_the_choice_ends_instead_of_spinning() -> None:
+    # One replica is half-open with its one probe taken, the other two still ejected, and panic
+    # is off (max_ejection=1.0): the request must be refused at once. pick() goes round again to
+    # the half-open replica, which had already refused; the choice used to ask again and again
+    # (125,000 picks in 1.7 s in the crash benchmark).
+    clock = FakeClock()
+    breakers: list[rs.CircuitBreaker] = []
+
+    def make(name: str) -> rs.CircuitBreaker:
+        open_for = 1.0 if not breakers else 60.0  # the first comes back first
+        breaker = rs.CircuitBreaker(
+            name=name, consecutive_failures=1, open_for=open_for, max_open_for=60.0, clock=clock
+        )
+        breakers.append(breaker)
+        return breaker
+
+    urls = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    service = Service(discovery=Static(urls), breaker=make, max_ejection=1.0, service_breaker=None)
+    transport = rs.ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)),
+        services={"orders": service},
+        hedge=None,
+        clock=clock,
+    )
+    outcome: list[BaseException | int] = []
+    with httpx.Client(transport=transport) as client:
+        assert client.get("http://orders/warm-up").status_code == 200
+        for breaker in breakers:
+            breaker.open()
+        clock.advance(1.0)
+        assert breakers[0].try_acquire()  # its one half-open probe, taken and never returned
+        assert breakers[1].state == "open"
+
+        def request() -> None:
+            try:
+                outcome.append(client.get("http://orders/x").status_code)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=request, daemon=True)
+        worker.start()
+        worker.join(5.0)
+        assert not worker.is_alive(), "the replica choice spun"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], rs.CircuitOpenError)
