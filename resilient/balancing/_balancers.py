@@ -83,7 +83,11 @@ class PowerOfTwo:
         self._rand = random or _random.random
 
     def __repr__(self) -> str:
-        return "PowerOfTwo()"
+        return f"{type(self).__name__}()"
+
+    @staticmethod
+    def _cost(replica: Replica, now: float) -> float:
+        return replica.cost(now)
 
     def pick(
         self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
@@ -95,21 +99,22 @@ class PowerOfTwo:
             only = replicas[0]
             return only if _usable(only, tried, panic, now) else None
         rand = self._rand
+        cost = self._cost
         for _ in range(_SAMPLES):
             i = int(rand() * n)
             j = (i + 1 + int(rand() * (n - 1))) % n  # a distinct second draw
             a, b = replicas[i], replicas[j]
             ok_a, ok_b = _usable(a, tried, panic, now), _usable(b, tried, panic, now)
             if ok_a and ok_b:
-                return a if a.cost(now) <= b.cost(now) else b
+                return a if cost(a, now) <= cost(b, now) else b
             if ok_a:
                 return a
             if ok_b:
                 return b
-        return _scan(replicas, tried, panic, now, rand, lambda r: r.cost(now))
+        return _scan(replicas, tried, panic, now, rand, lambda r: cost(r, now))
 
 
-class LeastRequests:
+class LeastRequests(PowerOfTwo):
     """Power of two choices over in-flight requests alone (Envoy's least-request).
 
     Example::
@@ -117,32 +122,11 @@ class LeastRequests:
         rs.balancing.LeastRequests()
     """
 
-    __slots__ = ("_rand",)
+    __slots__ = ()
 
-    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
-        self._rand = random or _random.random
-
-    def __repr__(self) -> str:
-        return "LeastRequests()"
-
-    def pick(
-        self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
-    ) -> Replica | None:
-        n = len(replicas)
-        if n == 0:
-            return None
-        rand = self._rand
-        for _ in range(_SAMPLES):
-            a = replicas[int(rand() * n)]
-            b = replicas[int(rand() * n)]
-            ok_a, ok_b = _usable(a, tried, panic, now), _usable(b, tried, panic, now)
-            if ok_a and ok_b:
-                return a if a.in_flight <= b.in_flight else b
-            if ok_a:
-                return a
-            if ok_b:
-                return b
-        return _scan(replicas, tried, panic, now, rand, lambda r: float(r.in_flight))
+    @staticmethod
+    def _cost(replica: Replica, now: float) -> float:
+        return float(replica.in_flight)
 
 
 class Random:
