@@ -803,6 +803,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         delay: float | None = None
         if response is not None:
             delay = self.classifier.retry_after(response, datetime.now(timezone.utc))
+        elif (
+            exc is not None
+            and call.service is not None
+            and len(call.tried) < len(call.service.replicas)
+            and self.classifier.exception_kind(exc) == "not_sent"
+        ):
+            # The replica could not be reached and the next attempt goes to another one: there
+            # is nothing to wait for (the backoff protects a server, and this one never saw us).
+            delay = 0.0
         if delay is None:
             delay = full_jitter(call.attempt, self._rand()) if self.wait is None else self.wait
         if call.deadline_at is not None and (
