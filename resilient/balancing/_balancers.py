@@ -66,7 +66,19 @@ def _scan(
     return a if key(a) <= key(b) else b
 
 
-class PowerOfTwo:
+class _Sampling:
+    """What the random balancers share: the injected source of randomness."""
+
+    __slots__ = ("_rand",)
+
+    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        self._rand = random or _random.random
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PowerOfTwo(_Sampling):
     """Power of two choices over peak-EWMA latency × in-flight requests (Finagle's default).
 
     Two replicas are drawn at random and the cheaper is chosen: load spreads almost as well as
@@ -77,13 +89,7 @@ class PowerOfTwo:
         rs.balancing.PowerOfTwo(random=random.Random(7).random)
     """
 
-    __slots__ = ("_rand",)
-
-    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
-        self._rand = random or _random.random
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+    __slots__ = ()
 
     @staticmethod
     def _cost(replica: Replica, now: float) -> float:
@@ -129,7 +135,7 @@ class LeastRequests(PowerOfTwo):
         return float(replica.in_flight)
 
 
-class Random:
+class Random(_Sampling):
     """Uniformly at random.
 
     Example::
@@ -137,13 +143,7 @@ class Random:
         rs.balancing.Random(random=random.Random(1).random)
     """
 
-    __slots__ = ("_rand",)
-
-    def __init__(self, *, random: Callable[[], float] | None = None) -> None:
-        self._rand = random or _random.random
-
-    def __repr__(self) -> str:
-        return "Random()"
+    __slots__ = ()
 
     def pick(
         self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
@@ -158,7 +158,7 @@ class Random:
         return _scan(replicas, tried, panic, now, self._rand)
 
 
-class RoundRobin:
+class RoundRobin(_Sampling):
     """Each replica in turn, skipping those that may not be used.
 
     Example::
@@ -166,14 +166,11 @@ class RoundRobin:
         rs.balancing.RoundRobin()
     """
 
-    __slots__ = ("_counter", "_rand")
+    __slots__ = ("_counter",)
 
     def __init__(self, *, random: Callable[[], float] | None = None) -> None:
+        super().__init__(random=random)  # for the scan when most replicas are out
         self._counter = itertools.count()
-        self._rand = random or _random.random
-
-    def __repr__(self) -> str:
-        return "RoundRobin()"
 
     def pick(
         self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
@@ -189,7 +186,7 @@ class RoundRobin:
         return _scan(replicas, tried, panic, now, self._rand)
 
 
-class Weighted:
+class Weighted(_Sampling):
     """At random in proportion to each replica's ``Endpoint.weight`` (DNS SRV weights, payloads).
 
     The cumulative weights are computed once per list of replicas (the list is rebuilt only when
@@ -200,14 +197,11 @@ class Weighted:
         rs.balancing.Weighted()
     """
 
-    __slots__ = ("_cache", "_rand")
+    __slots__ = ("_cache",)
 
     def __init__(self, *, random: Callable[[], float] | None = None) -> None:
-        self._rand = random or _random.random
+        super().__init__(random=random)
         self._cache: tuple[Sequence[Replica] | None, list[float]] = (None, [])
-
-    def __repr__(self) -> str:
-        return "Weighted()"
 
     def _cumulative(self, replicas: Sequence[Replica]) -> list[float]:
         cached, cumulative = self._cache

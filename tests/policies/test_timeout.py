@@ -9,6 +9,7 @@ import pytest
 
 import resilient as rs
 from resilient.events import Event, TimedOut
+from resilient.policies.timeout import loop_timer
 from resilient.testing import FakeClock
 
 
@@ -105,7 +106,7 @@ async def test_asyncio_timer_heap_is_compacted() -> None:
 
     for _ in range(10_000):
         await timeout.call_async(quick)
-    timer = timeout._timers[asyncio.get_running_loop()]
+    timer = loop_timer(asyncio.get_running_loop())
     assert len(timer.heap) < 1_000  # finished entries do not pile up for 30 s
 
 
