@@ -5,11 +5,13 @@ Two measurements, one run:
 1. **CPU per request.** ``httpx.Client`` (sync) and ``httpx.AsyncClient`` (asyncio, and trio for
    information) over ``httpx.MockTransport(lambda r: httpx.Response(200))``, plain beside the same
    mock wrapped in a default ``rs.ResilientTransport``: no network, so the difference is the CPU the
-   transport adds to a request that succeeds at once. A cell is µs per request: the minimum over
-   repeats of N requests each (N sized so that one repeat takes about 0.1 s), timed with
-   ``time.perf_counter_ns``, the garbage collector off. Cells are timed after calibration and
-   warm-up, so the async ones see the steady state: once a host has the answers hedging needs to
-   learn its delay (`rs.http.Hedging`, on by default for async clients), every request is hedgeable.
+   transport adds to a request that succeeds at once. A cell is µs per request: the median over
+   repeats of N requests each (N sized so that one repeat takes about 0.05 s), timed with
+   ``time.perf_counter_ns``, the garbage collector off; "added" is the median of the differences
+   between a resilient repeat and the plain one timed just before it. Cells are timed after
+   calibration and warm-up, so they see the steady state: once a host has the answers hedging
+   needs to learn its delay (`rs.http.Hedging`, on by default), every request is hedged (on
+   asyncio a timer per request; sync and trio cut the read timeout).
 2. **Loopback throughput.** Requests/s against one ``rs.testing.Fleet`` replica (a real HTTP server
    in its own process), plain ``httpx.Client()`` beside ``httpx.Client(transport=
    rs.ResilientTransport(httpx.HTTPTransport()))``, from 1 thread and from 4 threads sharing the
@@ -40,11 +42,12 @@ import itertools
 import json
 import platform
 import pstats
+import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -97,7 +100,7 @@ class Settings:
     requests: int
 
 
-FULL = Settings(repeats=5, cpu_target_ns=100_000_000, requests=2_000)
+FULL = Settings(repeats=9, cpu_target_ns=50_000_000, requests=1_000)
 QUICK = Settings(repeats=2, cpu_target_ns=10_000_000, requests=200)
 
 
@@ -162,10 +165,12 @@ async def _async_repeat(resilient: bool, n: int, target_ns: int) -> tuple[int, i
 
 @dataclass
 class CpuCell:
-    """µs per request through one client kind, or why it could not be measured."""
+    """µs per request through one client kind (the median repeat), or why it could not be
+    measured; ``samples`` holds every repeat, in order."""
 
     us: float | None = None
     error: str | None = None
+    samples: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -179,9 +184,16 @@ class CpuRow:
 
     @property
     def added_us(self) -> float | None:
+        """The median over repeats of (resilient − plain), each pair timed back to back.
+
+        On a shared 2-core VM the speed of the machine drifts by ±20 % from one second to the
+        next; a pair sees the same machine, and the median ignores the pairs a hiccup hit. (The
+        minimum of each side, the usual microbenchmark statistic, compares one side's luckiest
+        moment with the other's and swung by ±4 µs between runs here.)"""
         if self.plain.us is None or self.resilient.us is None:
             return None
-        return self.resilient.us - self.plain.us
+        pairs = [r - p for p, r in zip(self.plain.samples, self.resilient.samples, strict=False)]
+        return statistics.median(pairs)
 
     @property
     def ratio(self) -> float | None:
@@ -204,7 +216,6 @@ class _CpuJob:
     cell: CpuCell
     n: int = 0
     client: httpx.Client | None = None
-    best_ns: float = float("inf")
 
     def run_once(self, target_ns: int) -> None:
         if self.column == "sync":
@@ -223,7 +234,7 @@ class _CpuJob:
             import trio
 
             self.n, elapsed = trio.run(_async_repeat, self.resilient, self.n, target_ns)
-        self.best_ns = min(self.best_ns, elapsed / self.n)
+        self.cell.samples.append(elapsed / self.n / 1000)
 
     def close(self) -> None:
         if self.client is not None:
@@ -270,7 +281,7 @@ def measure_cpu(settings: Settings, progress: Callable[[str], None] | None = Non
             job.close()
     for job in jobs:
         if job.cell.error is None:
-            job.cell.us = job.best_ns / 1000
+            job.cell.us = statistics.median(job.cell.samples)
     return rows
 
 
@@ -541,7 +552,7 @@ def render(
         notes.append(f"{where}: {error}")
         return f"n/a [{len(notes)}]"
 
-    out = ["CPU per request over httpx.MockTransport (µs per request, min of repeats)"]
+    out = ["CPU per request over httpx.MockTransport (µs per request, median of repeats)"]
     body = []
     for row in cpu:
         added, ratio = row.added_us, row.ratio

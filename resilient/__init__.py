@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from resilient import balancing, discovery, events, http, telemetry, testing
+from resilient import balancing, discovery, events, http, stores, telemetry, testing
 from resilient._clock import Clock, SystemClock
 from resilient._deadline import time_left
 from resilient._errors import (
@@ -28,6 +28,7 @@ from resilient._errors import (
     RejectedError,
     ResilienceError,
     RetryBudgetExhausted,
+    ThrottledError,
 )
 from resilient._policy import Policy
 from resilient.events import add_hook, remove_hook
@@ -38,12 +39,17 @@ from resilient.policies.budget import RetryBudget
 from resilient.policies.bulkhead import Bulkhead, BulkheadStatistics
 from resilient.policies.fallback import Fallback
 from resilient.policies.hedge import Hedge
+from resilient.policies.limits import AIMDLimit
 from resilient.policies.retry import Retry
+from resilient.policies.throttle import AdaptiveThrottle, ThrottleStatistics
 from resilient.policies.timeout import Timeout
+from resilient.stores import RedisStore
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AIMDLimit",
+    "AdaptiveThrottle",
     "Bulkhead",
     "BulkheadFullError",
     "BulkheadStatistics",
@@ -56,6 +62,7 @@ __all__ = [
     "NoHealthyEndpoints",
     "Pipeline",
     "Policy",
+    "RedisStore",
     "RejectedError",
     "ResilienceError",
     "ResilientTransport",
@@ -63,6 +70,8 @@ __all__ = [
     "RetryBudget",
     "RetryBudgetExhausted",
     "SystemClock",
+    "ThrottleStatistics",
+    "ThrottledError",
     "Timeout",
     "add_hook",
     "balancing",
@@ -70,6 +79,7 @@ __all__ = [
     "events",
     "http",
     "remove_hook",
+    "stores",
     "telemetry",
     "testing",
     "time_left",

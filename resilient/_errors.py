@@ -8,7 +8,8 @@
         │   ├── CircuitOpenError        the breaker is open, or half-open with every probe taken
         │   ├── BulkheadFullError       no permit, and no room (or no time left) in the queue
         │   ├── RetryBudgetExhausted    RetryBudget.withdraw() found no tokens
-        │   └── NoHealthyEndpoints      discovery or health left no replica to try
+        │   ├── NoHealthyEndpoints      discovery or health left no replica to try
+        │   └── ThrottledError          AdaptiveThrottle shed the call (the backend keeps refusing)
         └── DeadlineExceeded            a Timeout or deadline expired (also a TimeoutError)
 
 When retries run out, `Retry` raises the last real exception itself, not a wrapper; the number of
@@ -26,6 +27,7 @@ __all__ = [
     "RejectedError",
     "ResilienceError",
     "RetryBudgetExhausted",
+    "ThrottledError",
 ]
 
 
@@ -116,6 +118,26 @@ class NoHealthyEndpoints(RejectedError):
     policy = "load_balancer"
 
 
+class ThrottledError(RejectedError):
+    """`AdaptiveThrottle` shed the call locally: the backend has been refusing requests.
+
+    ``probability`` is the rejection probability the throttle drew against.
+
+    Example::
+
+        try:
+            search.call(query, text)
+        except rs.ThrottledError as exc:
+            return cached_results(text)  # exc.probability: how hard the client is shedding
+    """
+
+    policy = "adaptive_throttle"
+
+    def __init__(self, message: str, *, name: str = "", probability: float = 0.0) -> None:
+        super().__init__(message, name=name)
+        self.probability = probability
+
+
 class DeadlineExceeded(ResilienceError, TimeoutError):
     """A ``Timeout`` or deadline expired before the call finished.
 
@@ -143,5 +165,6 @@ for _cls in (
     RejectedError,
     ResilienceError,
     RetryBudgetExhausted,
+    ThrottledError,
 ):
     _cls.__module__ = "resilient"

@@ -132,10 +132,17 @@ def test_benchmark_reports_targets_and_profile(report: dict[str, Any]) -> None:
 
 
 def _rows(added_us: float | None, ratio: float) -> tuple[list[bench.CpuRow], list[bench.RpsRow]]:
-    resilient = bench.CpuCell(us=None if added_us is None else 50.0 + added_us)
+    resilient = (
+        bench.CpuCell()
+        if added_us is None
+        else bench.CpuCell(us=50.0 + added_us, samples=[50.0 + added_us])
+    )
     if added_us is None:
         resilient.error = "RuntimeError: broken"
-    cpu = [bench.CpuRow(key, key, bench.CpuCell(us=50.0), resilient) for key in ("sync", "asyncio")]
+    cpu = [
+        bench.CpuRow(key, key, bench.CpuCell(us=50.0, samples=[50.0]), resilient)
+        for key in ("sync", "asyncio")
+    ]
     rps = [
         bench.RpsRow(
             f"sync.{n}_thread", "x", n, 100, bench.RpsCell(1000.0), bench.RpsCell(1000.0 * ratio)
@@ -179,3 +186,13 @@ def test_check_exits_1_on_a_missed_target(
     assert bench.main(["--check"] if check else []) == code
     verdict = "PASS" if added_us <= 10 else "FAIL"
     assert f"{verdict}  sync: ResilientTransport adds" in capsys.readouterr().out
+
+
+def test_added_cost_is_the_median_of_paired_repeats() -> None:
+    # Pairs (50, 55), (80, 81), (50, 70): differences 5, 1, 20 -> 5. The minimums (50 and 55)
+    # would say 5 too here, but the medians of each side (50, 70) would say 20.
+    plain = bench.CpuCell(us=50.0, samples=[50.0, 80.0, 50.0])
+    resilient = bench.CpuCell(us=70.0, samples=[55.0, 81.0, 70.0])
+    row = bench.CpuRow("sync", "sync", plain, resilient)
+    assert row.added_us == 5.0
+    assert bench.CpuRow("sync", "sync", plain, bench.CpuCell()).added_us is None

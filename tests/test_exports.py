@@ -7,6 +7,7 @@ import resilient.balancing
 import resilient.discovery
 import resilient.events
 import resilient.http
+import resilient.stores
 import resilient.telemetry
 import resilient.testing
 
@@ -16,6 +17,7 @@ MODULES = (
     resilient.discovery,
     resilient.events,
     resilient.http,
+    resilient.stores,
     resilient.telemetry,
     resilient.testing,
 )
@@ -57,8 +59,10 @@ def test_exception_tree() -> None:
         rs.BulkheadFullError,
         rs.RetryBudgetExhausted,
         rs.NoHealthyEndpoints,
+        rs.ThrottledError,
     ):
         assert issubclass(cls, rs.RejectedError)
+        assert cls.__module__ == "resilient"
     assert issubclass(rs.RejectedError, rs.ResilienceError)
     assert issubclass(rs.DeadlineExceeded, rs.ResilienceError)
     assert issubclass(rs.DeadlineExceeded, TimeoutError)
@@ -72,6 +76,7 @@ def test_every_policy_is_a_policy() -> None:
         rs.Timeout,
         rs.Fallback,
         rs.Hedge,
+        rs.AdaptiveThrottle,
         rs.Pipeline,
     ):
         assert issubclass(cls, rs.Policy)

@@ -47,7 +47,7 @@ from resilient.events import HedgeLaunched, Hook, RetryGaveUp, RetryScheduled, e
 from resilient.http._cache import StaleIfError
 from resilient.http._classify import Classifier
 from resilient.policies._common import check_count, check_positive, resolve_clock
-from resilient.policies.breaker import REJECTED, CircuitBreaker
+from resilient.policies.breaker import CLOSED, REJECTED, CircuitBreaker
 from resilient.policies.budget import RetryBudget
 from resilient.policies.bulkhead import Bulkhead
 from resilient.policies.retry import add_note, full_jitter
@@ -142,16 +142,28 @@ def _quantile(spec: str) -> float | None:
 
 
 class _ReleaseOnClose(httpx.SyncByteStream, httpx.AsyncByteStream):
-    """A response body that gives its bulkhead permit back when it is closed (once)."""
+    """A response body that gives its bulkhead permit back when it is closed (once), reporting
+    the request's outcome: an adaptive limit (`AIMDLimit`) backs off on a 429 or 503 answer."""
 
-    def __init__(self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, bulkhead: Bulkhead):
+    def __init__(
+        self,
+        inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+        bulkhead: Bulkhead,
+        duration: float,
+        dropped: bool,
+    ) -> None:
         self._inner = inner
         self._bulkhead: Bulkhead | None = bulkhead
+        self._duration = duration
+        self._dropped = dropped
 
     def _release(self) -> None:
         bulkhead, self._bulkhead = self._bulkhead, None
         if bulkhead is not None:
-            bulkhead.release()
+            if self._dropped:
+                bulkhead.on_failure(self._duration)
+            else:
+                bulkhead.on_success(self._duration)
 
     def __iter__(self) -> Iterator[bytes]:
         assert isinstance(self._inner, httpx.SyncByteStream)
@@ -189,6 +201,7 @@ class _Call:
         "attempts",
         "body",
         "deadline_at",
+        "delay",
         "full_read",
         "hedge",
         "host",
@@ -210,6 +223,7 @@ class _Call:
         self.attempts = 1
         self.body: _TrackedBody | None = None
         self.deadline_at: float | None = None
+        self.delay: float | None = None  # seconds before this request's first hedge; None: none
         self.idempotent = False
         self.hedge = True
         self.last_duration = 0.0
@@ -224,14 +238,12 @@ class _Call:
         self.retry = True
 
 
-@dataclass(slots=True)
-class _Attempt:
-    breaker: CircuitBreaker | None
-    gen: int
-    span: trace.Span | None
-    latency: LatencyWindow
-    replica: Replica | None
-    started: float
+#: One attempt in flight: its breaker and permit generation, span, latency window, replica (None
+#: for a direct host) and start time. A tuple: it is made on every request, and a class instance
+#: costs three times as much.
+_Attempt = tuple[
+    "CircuitBreaker | None", int, "trace.Span | None", LatencyWindow, "Replica | None", float
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +262,11 @@ class Hedging:
 
     After ``delay`` seconds without an answer (or, with ``delay="p95"``, after the 95th percentile
     of the service's or host's recent latencies, once ``min_samples`` are known; any ``"pNN"``
-    works), another copy is sent; the first good answer wins and the others are cancelled and closed. Each hedge takes a
-    token from the transport's retry budget, so hedging adds at most the budget's share of load.
+    works), another copy is sent; the first good answer wins and the others are cancelled and
+    closed. When the percentile is more than ``tail_ratio`` times the median, the slow answers
+    are a mode of their own and hedging starts earlier (see `learned_delay`; ``tail_ratio=None``
+    keeps the plain percentile). Each hedge takes a token from the transport's retry budget, so
+    hedging adds at most the budget's share of load.
     Requests with a streamed body, and requests that are not idempotent, are never hedged.
 
     On asyncio a hedge is a real race: the first copy keeps running and the first good answer
@@ -272,6 +287,7 @@ class Hedging:
     max_hedges: int = 1
     min_delay: float = 0.002
     min_samples: int = 50
+    tail_ratio: float | None = 3.0
     threads: bool = False
     trio: bool = False
     max_workers: int = 32
@@ -288,7 +304,48 @@ class Hedging:
         check_count("max_hedges", self.max_hedges)
         check_positive("min_delay", self.min_delay, allow_zero=True)
         check_count("min_samples", self.min_samples)
+        if self.tail_ratio is not None:
+            check_positive("tail_ratio", self.tail_ratio)
+            if self.tail_ratio < 1:
+                raise ValueError(f"tail_ratio must be >= 1, got {self.tail_ratio!r}")
         check_count("max_workers", self.max_workers, minimum=2)
+
+    def learned_delay(self, window: LatencyWindow) -> float | None:
+        """The hedge delay ``window``'s latencies call for (None until ``min_samples`` are known).
+
+        The ``delay`` percentile, unless it is more than ``tail_ratio`` times the median: then
+        the slow answers are a mode of their own (a stalled disk, a GC pause, a slow replica),
+        and the percentile sits on its edge, where it swings with sampling noise and waits
+        nearly as long as the slow answers themselves. The delay is then ``tail_ratio`` times
+        the median, or the percentile that hedges twice as often (p90 for p95) if that is
+        later, so that at most twice the planned share of requests is hedged.
+
+        Example::
+
+            window = rs.balancing.LatencyWindow()
+            for _ in range(95):
+                window.add(0.004)
+            for _ in range(5):
+                window.add(0.064)  # 5 % are 16x slower than the median
+            rs.http.Hedging().learned_delay(window)  # 0.012: 3 x the median, not 0.064
+        """
+        q = self._quantile
+        if q is None:
+            assert not isinstance(self.delay, str)
+            return float(self.delay)
+        delay = window.quantile(q, self.min_samples)
+        if delay is None:
+            return None
+        ratio = self.tail_ratio
+        if ratio is not None:
+            median = window.quantile(0.5, self.min_samples)
+            assert median is not None
+            if delay > ratio * median:
+                # round(): 2 x 0.95 - 1 is 0.8999..., which would index one sample early.
+                wider = window.quantile(max(0.5, round(2 * q - 1, 9)), self.min_samples)
+                assert wider is not None
+                delay = min(delay, max(wider, ratio * median))
+        return max(self.min_delay, delay)
 
 
 class _Host:
@@ -296,10 +353,15 @@ class _Host:
 
     __slots__ = ("attributes", "breaker", "latency", "name")
 
-    def __init__(self, name: str, breaker: CircuitBreaker | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        breaker: CircuitBreaker | None,
+        learn: Callable[[LatencyWindow], float | None] | None,
+    ) -> None:
         self.name = name
         self.breaker = breaker
-        self.latency = LatencyWindow()
+        self.latency = LatencyWindow(learn=learn)
         self.attributes: dict[str, str | int] = {"server.address": name.rpartition(":")[0]}
 
 
@@ -362,11 +424,12 @@ class _AsyncioRace:
         self.done = False
         self.timers = loop_timer(loop)
         self.timer: list[Any] | None = None  # our entry in the loop's shared timer
-        self.changed = asyncio.Event()
+        self.changed: asyncio.Event | None = None  # made when the caller waits for hedges
 
     def _launch(self) -> None:
         self.timer = None
-        self.changed.set()
+        if self.changed is not None:
+            self.changed.set()
         if self.done or self.winner is not None:
             return
         number = len(self.hedges) + 1
@@ -381,7 +444,8 @@ class _AsyncioRace:
             self.timer = self.timers.add(self._launch, self.loop.time() + self.delay)
 
     def _finished(self, hedge: asyncio.Task[httpx.Response]) -> None:
-        self.changed.set()
+        if self.changed is not None:
+            self.changed.set()
         if hedge.cancelled() or hedge.exception() is not None:
             return
         response = hedge.result()
@@ -415,32 +479,49 @@ class _AsyncioRace:
         due on schedule) may give one. True if one did; False at once if none was launched."""
         if not self.hedges:
             return False
+        changed = self.changed = asyncio.Event()  # set by _launch and _finished from now on
         while self.winner is None:
             if self.timer is None and all(hedge.done() for hedge in self.hedges):
                 break
-            self.changed.clear()
-            await self.changed.wait()
+            changed.clear()
+            await changed.wait()
         return self.winner is not None
 
     async def run(self) -> httpx.Response:
         task = self.task
-        self.timer = self.timers.add(self._launch, self.loop.time() + self.delay)
+        transport = self.transport
+        timers = self.timers
+        self.timer = timers.add(self._launch, self.loop.time() + self.delay)
         cancelling = _cancelling(task)
         try:
+            response = await transport._attempt_async(self.request, self.call)
+        except asyncio.CancelledError:
+            self.primary = False
             try:
-                response = await self.transport._attempt_async(self.request, self.call)
-            except asyncio.CancelledError:
-                self.primary = False
                 if self.winner is not None and _uncancel(task) <= cancelling:
                     return self._take_winner()
                 raise
-            except Exception:
-                self.primary = False
+            finally:
+                self._stop()
+        except Exception:
+            self.primary = False
+            try:
                 if await self._wait_for_hedges():
                     return self._take_winner()
                 raise
-            self.primary = False
-            if not self.transport._good(response) and await self._wait_for_hedges():
+            finally:
+                self._stop()
+        self.primary = False
+        if not self.hedges and self.winner is None:
+            # The common case, kept short: answered before any hedge went out.
+            self.done = True
+            if self.timer is not None:
+                timers.finish(self.timer)
+                self.timer = None
+            if response.status_code not in transport.classifier.retry_statuses:
+                return response
+        try:
+            if not transport._good(response) and await self._wait_for_hedges():
                 await response.aclose()  # a retryable answer, and a hedge did better
                 return self._take_winner()
             return response
@@ -538,6 +619,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         )
         self.bulkhead = bulkhead
         self.hedge: Hedging | None = Hedging() if hedge is _DEFAULT else hedge
+        # Latency windows keep the hedge delay they call for up to date (every 32 samples).
+        self._learn = (
+            self.hedge.learned_delay
+            if self.hedge is not None and self.hedge._quantile is not None
+            else None
+        )
         self._latencies: dict[str, LatencyWindow] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_busy = 0
@@ -594,13 +681,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 f"got {spec!r}"
             )
         service.discovery.start()
-        return ServiceRuntime(
+        runtime = ServiceRuntime(
             name,
             service,
             clock=self._clock,
             hooks=self.hooks,
             default_breaker=default_replica_breaker,
         )
+        runtime.latency = LatencyWindow(learn=self._learn)
+        return runtime
 
     def statistics(self) -> dict[str, list[ReplicaStatistics]]:
         """Per logical service, each replica's state, in-flight requests, latency and outcomes.
@@ -623,7 +712,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             breaker = self._shared_breaker
             if breaker is None and self._breaker_factory is not None:
                 breaker = self._breaker_factory(name)
-            host = self._hosts.setdefault(key, _Host(name, breaker))
+            host = self._hosts.setdefault(key, _Host(name, breaker, self._learn))
         return host
 
     def breaker_for(self, url: httpx.URL) -> CircuitBreaker | None:
@@ -634,20 +723,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             transport.breaker_for(httpx.URL("http://127.0.0.1:8001/")).state  # "closed"
         """
         return self._host(url).breaker
-
-    def _hedge_delay(self, request: httpx.Request, call: _Call) -> float | None:
-        """Seconds before this request's first hedge, or None if it is not to be hedged."""
-        hedge = self.hedge
-        if hedge is None or not (call.hedge and call.idempotent):
-            return None
-        if call.body is not None:  # a streamed body cannot be sent twice
-            return None
-        q = hedge._quantile
-        if q is not None:
-            learned = self._latency(request, call).quantile(q, hedge.min_samples)
-            return None if learned is None else max(hedge.min_delay, learned)
-        assert isinstance(hedge.delay, float | int)
-        return hedge.delay
 
     def _latency(self, request: httpx.Request, call: _Call) -> LatencyWindow:
         """Latencies that predict this request's: its service's, or its host's."""
@@ -711,6 +786,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not isinstance(request.stream, httpx.ByteStream):
             call.body = _TrackedBody(request.stream)
             request.stream = call.body
+        window: LatencyWindow | None = None
         if self._services:
             url = request.url
             service = self._services.get(url.host) if url.port is None else None
@@ -718,6 +794,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 call.service = service
                 call.logical = url
                 call.logical_host = request.headers.get("Host")
+                window = service.latency
+        if window is None:
+            call.host = host = self._host(request.url)
+            window = host.latency
+        hedge = self.hedge
+        if hedge is not None and call.hedge and call.idempotent and call.body is None:
+            # (A streamed body cannot be sent twice.)
+            call.delay = window.learned if hedge._quantile is not None else float(hedge.delay)
         if self.budget is not None:
             self.budget.deposit()
         return call
@@ -1025,17 +1109,36 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica.in_flight += 1
         else:
             host = call.host
-            if host is None:
-                host = call.host = self._host(request.url)
+            assert host is not None
             breaker = host.breaker
             gen = 0
             if breaker is not None:
-                gen = breaker._acquire()
-                if gen == REJECTED:
-                    raise breaker._reject()
+                rt = breaker._rt
+                if breaker._plain and rt.state is CLOSED:
+                    gen = rt.generation  # what _acquire() answers when closed, without the call
+                else:
+                    gen = breaker._acquire()
+                    if gen == REJECTED:
+                        raise breaker._reject()
             latency = host.latency
             attributes = host.attributes
-        self._prepare(request, call, read_limit)
+        if call.deadline_at is None and self.attempt_timeout is None:
+            # The common case, kept short: no time limit to clip to, at most a read cut.
+            call.sent += 1
+            call.shortened = False
+            own = call.timeouts
+            if read_limit is not None:
+                read = own.get("read") if own else None
+                if read is None or read_limit < read:
+                    call.full_read = read
+                    call.shortened = True
+                    cut = dict(own) if own else {}
+                    cut["read"] = read_limit
+                    request.extensions = {**request.extensions, "timeout": cut}
+            elif request.extensions.get("timeout") is not own:  # undo an earlier cut
+                request.extensions = {**request.extensions, "timeout": own}
+        else:
+            self._prepare(request, call, read_limit)
         self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
         if self._tracer_given or (
@@ -1049,62 +1152,58 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             else:
                 span.end()
                 span = None
-        return _Attempt(breaker, gen, span, latency, replica, self._clock.monotonic())
+        return (breaker, gen, span, latency, replica, self._clock.monotonic())
 
     def _attempt_failed(self, attempt: _Attempt, call: _Call, exc: Exception) -> None:
-        call.last_duration = duration = self._clock.monotonic() - attempt.started
-        span = attempt.span
+        breaker, gen, span, _, replica, started = attempt
+        call.last_duration = duration = self._clock.monotonic() - started
         if span is not None:
             self._span_outcome(span, None, exc)
             span.end()
-        replica = attempt.replica
         if replica is not None:
             replica.in_flight -= 1
             replica.failures += 1
-            replica.observe_failure(duration, attempt.started + duration)
-        breaker = attempt.breaker
-        if breaker is not None and attempt.gen != REJECTED:
+            replica.observe_failure(duration, started + duration)
+        if breaker is not None and gen != REJECTED:
             if self.classifier.exception_kind(exc) == "not_retryable":
-                breaker._release(attempt.gen)
+                breaker._release(gen)
             else:
-                breaker._failure(attempt.gen, duration, exc)
+                breaker._failure(gen, duration, exc)
 
-    def _attempt_cancelled(self, attempt: _Attempt) -> None:
-        if attempt.span is not None:
-            attempt.span.end()
-        if attempt.replica is not None:
-            attempt.replica.in_flight -= 1
-        if attempt.breaker is not None and attempt.gen != REJECTED:
-            attempt.breaker._release(attempt.gen)
+    @staticmethod
+    def _attempt_cancelled(attempt: _Attempt) -> None:
+        breaker, gen, span, _, replica, _ = attempt
+        if span is not None:
+            span.end()
+        if replica is not None:
+            replica.in_flight -= 1
+        if breaker is not None and gen != REJECTED:
+            breaker._release(gen)
 
-    def _attempt_answered(
-        self, attempt: _Attempt, call: _Call, request: httpx.Request, response: httpx.Response
-    ) -> None:
-        call.last_duration = duration = self._clock.monotonic() - attempt.started
-        span = attempt.span
+    def _attempt_answered(self, attempt: _Attempt, call: _Call, response: httpx.Response) -> None:
+        breaker, gen, span, latency, replica, started = attempt
+        call.last_duration = duration = self._clock.monotonic() - started
         if span is not None:
             self._span_outcome(span, response, None)
             span.end()
         failed = self.classifier.is_failure(response.status_code)
-        replica = attempt.replica
         if replica is not None:
             replica.in_flight -= 1
             if failed:
                 replica.failures += 1
-                replica.observe_failure(duration, attempt.started + duration)
+                replica.observe_failure(duration, started + duration)
             else:
                 replica.successes += 1
-                replica.observe(duration, attempt.started + duration)
-        if not failed:
-            attempt.latency.add(duration)
-        breaker = attempt.breaker
-        if breaker is not None and attempt.gen != REJECTED:
+                replica.observe(duration, started + duration)
+        if not failed and self._learn is not None:  # the latencies serve hedging alone
+            latency.add(duration)
+        if breaker is not None and gen != REJECTED:
             if failed:
-                breaker._failure(attempt.gen, duration, None)
+                breaker._failure(gen, duration, None)
             elif breaker._plain:
-                breaker._fast_success(attempt.gen)
+                breaker._fast_success(gen)
             else:
-                breaker._success(attempt.gen, duration)
+                breaker._success(gen, duration)
 
     # -- sync -------------------------------------------------------------------------------------
 
@@ -1129,23 +1228,52 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
-        if bulkhead is None:
-            return self._handle(request)
-        bulkhead.acquire()
+        started = 0.0
+        if bulkhead is not None:
+            bulkhead.acquire()
+            started = self._clock.monotonic()
         try:
-            response = self._handle(request)
-        except BaseException:
-            bulkhead.release()
+            call = self._begin(request)
+            if call.logical is None:
+                response = self._loop(request, call)  # not a service: no service breaker either
+            else:
+                try:
+                    response = self._guarded(request, call)
+                finally:
+                    self._unroute(request, call)
+        except Exception as exc:
+            if bulkhead is not None:
+                self._failed(bulkhead, started, exc)
             raise
-        # The permit is held until the caller closes the response: a streamed download is work
-        # in progress as much as the request was.
-        response.stream = _ReleaseOnClose(response.stream, bulkhead)
+        except BaseException:
+            if bulkhead is not None:
+                bulkhead.release()  # cancelled: no outcome
+            raise
+        if bulkhead is not None:
+            # The permit is held until the caller closes the response: a streamed download is
+            # work in progress as much as the request was.
+            response.stream = self._hold(response, bulkhead, started)
         return response
+
+    def _failed(self, bulkhead: Bulkhead, started: float, exc: Exception) -> None:
+        """Give the permit back after a request that raised (an httpx timeout is a drop)."""
+        duration = self._clock.monotonic() - started
+        bulkhead.on_failure(duration, None if isinstance(exc, httpx.TimeoutException) else exc)
+
+    def _hold(
+        self, response: httpx.Response, bulkhead: Bulkhead, started: float
+    ) -> _ReleaseOnClose:
+        """The response's body, holding the bulkhead permit until it is closed."""
+        dropped = response.status_code in (429, 503)  # the server shed load: a drop for AIMD
+        duration = self._clock.monotonic() - started
+        return _ReleaseOnClose(response.stream, bulkhead, duration, dropped)
 
     def _attempt(
         self, request: httpx.Request, call: _Call, read_limit: float | None = None
     ) -> httpx.Response:
-        inner = self._sync_transport()  # built before the clock starts: not the replica's time
+        inner = self._sync_inner  # built before the clock starts: not the replica's time
+        if inner is None:
+            inner = self._sync_transport()
         attempt = self._start_attempt(request, call, read_limit)
         try:
             response = inner.handle_request(request)
@@ -1155,17 +1283,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except BaseException:
             self._attempt_cancelled(attempt)
             raise
-        self._attempt_answered(attempt, call, request, response)
+        self._attempt_answered(attempt, call, response)
         return response
 
-    def _round(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        hedge = self.hedge
-        if hedge is None:
-            return self._attempt(request, call)
-        delay = self._hedge_delay(request, call)
-        if delay is None:
-            return self._attempt(request, call)
-        if hedge.threads:
+    def _hedged(self, request: httpx.Request, call: _Call, delay: float) -> httpx.Response:
+        """One round of a hedged request: the first copy, and hedges after ``delay``."""
+        assert self.hedge is not None
+        if self.hedge.threads:
             return self._race_threads(request, call, delay)
         try:
             response = self._attempt(request, call, read_limit=delay)
@@ -1185,7 +1309,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """An abandoned attempt took longer than ``delay``: count it as a slow sample, so the
         learned percentile is not computed from the fast answers alone (which would pull the
         delay down and down, abandoning ever more attempts)."""
-        self._latency(request, call).add(2.0 * delay)
+        if self._learn is not None:
+            self._latency(request, call).add(2.0 * delay)
 
     @staticmethod
     def _restore_read(request: httpx.Request, call: _Call) -> None:
@@ -1303,15 +1428,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if late is not None:
                 late.close()
 
-    def _handle(self, request: httpx.Request) -> httpx.Response:
-        call = self._begin(request)
-        if call.logical is None:
-            return self._loop(request, call)  # not a service: no service breaker either
-        try:
-            return self._guarded(request, call)
-        finally:
-            self._unroute(request, call)
-
     @staticmethod
     def _unroute(request: httpx.Request, call: _Call) -> None:
         """Give the caller back the request it sent: httpx uses ``response.request`` for
@@ -1366,7 +1482,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         while True:
             call.attempt += 1
             try:
-                response = self._round(request, call)
+                delay = call.delay
+                if delay is None:
+                    response = self._attempt(request, call)
+                else:
+                    response = self._hedged(request, call, delay)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
                 stale = self._degraded(request, call, exc)
@@ -1451,21 +1571,37 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
-        if bulkhead is None:
-            return await self._handle_async(request)
-        await bulkhead.acquire_async()
+        started = 0.0
+        if bulkhead is not None:
+            await bulkhead.acquire_async()
+            started = self._clock.monotonic()
         try:
-            response = await self._handle_async(request)
-        except BaseException:
-            bulkhead.release()
+            call = self._begin(request)
+            if call.logical is None:
+                response = await self._loop_async(request, call)
+            else:
+                try:
+                    response = await self._guarded_async(request, call)
+                finally:
+                    self._unroute(request, call)
+        except Exception as exc:
+            if bulkhead is not None:
+                self._failed(bulkhead, started, exc)
             raise
-        response.stream = _ReleaseOnClose(response.stream, bulkhead)
+        except BaseException:
+            if bulkhead is not None:
+                bulkhead.release()  # cancelled: no outcome
+            raise
+        if bulkhead is not None:
+            response.stream = self._hold(response, bulkhead, started)
         return response
 
     async def _attempt_async(
         self, request: httpx.Request, call: _Call, read_limit: float | None = None
     ) -> httpx.Response:
-        inner = self._async_transport()
+        inner = self._async_inner
+        if inner is None:
+            inner = self._async_transport()
         attempt = self._start_attempt(request, call, read_limit)
         try:
             response = await inner.handle_async_request(request)
@@ -1475,20 +1611,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except BaseException:
             self._attempt_cancelled(attempt)
             raise
-        self._attempt_answered(attempt, call, request, response)
+        self._attempt_answered(attempt, call, response)
         return response
 
-    async def _round_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        hedge = self.hedge
-        if hedge is None:
-            return await self._attempt_async(request, call)
-        delay = self._hedge_delay(request, call)
-        if delay is None:
-            return await self._attempt_async(request, call)
-        loop = _get_running_loop()
-        if loop is not None:
-            return await _AsyncioRace(self, request, call, delay, loop).run()
-        if hedge.trio:
+    async def _hedged_async(
+        self, request: httpx.Request, call: _Call, delay: float
+    ) -> httpx.Response:
+        """One round of a hedged request off asyncio (trio): speculative, or raced if asked."""
+        assert self.hedge is not None
+        if self.hedge.trio:
             return await self._race_anyio(request, call, delay)
         try:
             response = await self._attempt_async(request, call, read_limit=delay)
@@ -1558,15 +1689,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         assert isinstance(failure, Exception)
         raise failure
 
-    async def _handle_async(self, request: httpx.Request) -> httpx.Response:
-        call = self._begin(request)
-        if call.logical is None:
-            return await self._loop_async(request, call)
-        try:
-            return await self._guarded_async(request, call)
-        finally:
-            self._unroute(request, call)
-
     async def _guarded_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
         guard = call.service.breaker if call.service is not None else None
         if guard is None:
@@ -1590,7 +1712,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         while True:
             call.attempt += 1
             try:
-                response = await self._round_async(request, call)
+                delay = call.delay
+                if delay is None:
+                    response = await self._attempt_async(request, call)
+                elif (loop := _get_running_loop()) is not None:
+                    response = await _AsyncioRace(self, request, call, delay, loop).run()
+                else:
+                    response = await self._hedged_async(request, call, delay)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
                 stale = self._degraded(request, call, exc)

@@ -12,6 +12,11 @@ The breaker never holds its lock across the wrapped call: it decides under the l
 unlocked, and the outcome is recorded under the lock again. Half-open admits exactly
 ``half_open_probes`` concurrent calls; a cancelled call gives its permit back and counts as neither
 success nor failure.
+
+With ``store=`` (a `resilient.stores.RedisStore`) the window, the state and the open-until time
+live in the store and every process with a breaker of that name shares them. The local runtime
+then caches the shared state (a closed breaker admits calls from the cache, without a round trip),
+mirrors this process's outcomes, and takes over when the store is unavailable.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from resilient.policies._windows import CountWindow, TimeWindow
 if TYPE_CHECKING:
     import pybreaker
 
+    from resilient.stores._redis import BreakerHandle, BreakerReply, RedisStore
+
 __all__ = ["CircuitBreaker"]
 
 T = TypeVar("T")
@@ -53,6 +60,10 @@ _FROM_PYBREAKER: dict[str, State] = {"closed": CLOSED, "open": OPEN, "half-open"
 
 #: Returned by ``_acquire`` when the call is refused.
 REJECTED = -1
+#: Returned by ``_shared_plan`` when the cached shared state cannot decide: ask the store.
+ASK = -2
+
+_FROM_STORE: tuple[State, State, State] = (CLOSED, OPEN, HALF_OPEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,16 @@ class CircuitBreaker(Policy):
                 breaker.release()  # cancelled: neither success nor failure
                 raise
             breaker.on_success(time.monotonic() - started)
+
+    ``store=`` shares the breaker across processes: every breaker with this ``name`` on that store
+    (same Redis, same key prefix) is one breaker, with one window, one state and fleet-wide
+    half-open probes (``half_open_probes`` across all processes). Give them the same settings.
+    A call in the closed state costs one round trip to record its outcome; with the permission
+    protocol that round trip blocks the calling thread. If the store is unavailable the breaker
+    runs on local state until it answers again (see `resilient.stores.RedisStore`)::
+
+        store = rs.RedisStore("redis://redis.internal:6379/0")
+        payments = rs.CircuitBreaker(name="payments", min_calls=20, store=store)
     """
 
     name: str = "circuit_breaker"
@@ -144,11 +165,13 @@ class CircuitBreaker(Policy):
     clock: Clock | None = None
     hooks: Sequence[Hook] = ()
     listeners: Sequence[pybreaker.CircuitBreakerListener] = ()
+    store: RedisStore | None = None
     _clock: Clock = field(init=False, repr=False)
     _is_failure: Callable[[BaseException], bool] = field(init=False, repr=False)
     _rt: _Runtime = field(init=False, repr=False)
     _plain: bool = field(init=False, repr=False)
     _storage: Any = field(default=None, repr=False)
+    _shared: BreakerHandle | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.failure_rate is not None:
@@ -195,10 +218,21 @@ class CircuitBreaker(Policy):
         object.__setattr__(self, "_is_failure", compile_matcher(self.on, "on"))
         object.__setattr__(self, "_rt", _Runtime(window))
         object.__setattr__(self, "listeners", tuple(self.listeners))
+        shared = None
+        if self.store is not None:
+            from resilient.stores._redis import RedisStore
+
+            if not isinstance(self.store, RedisStore):
+                raise ValueError(f"store must be a RedisStore, got {self.store!r}")
+            if self._storage is not None:
+                raise ValueError("store= cannot be combined with a pybreaker state storage")
+            shared = self.store.bind_breaker(self)
+        object.__setattr__(self, "_shared", shared)
         # Nothing but the window to update on a success: the drivers take a fast path.
         plain = (
             not self.listeners
             and self._storage is None
+            and shared is None
             and self.result is None
             and self.slow_call_duration is None
         )
@@ -242,7 +276,12 @@ class CircuitBreaker(Policy):
     def state(self) -> State:
         """``"closed"``, ``"open"`` or ``"half_open"`` (an open breaker past its time reads half-open)."""
         rt = self._rt
-        if self._storage is not None:
+        if self._shared is not None:
+            if self._clock.monotonic() - self._shared.synced_at >= self._shared.staleness:
+                reply = self._shared.call("peek")
+                if reply is not None:
+                    self._shared_adopt(reply)
+        elif self._storage is not None:
             self._pull_storage()
         if rt.state is OPEN and self._clock.monotonic() >= rt.open_until:
             return HALF_OPEN
@@ -256,7 +295,11 @@ class CircuitBreaker(Policy):
         return max(0.0, rt.open_until - self._clock.monotonic())
 
     def metrics(self) -> dict[str, float]:
-        """A snapshot: calls, failures and slow calls in the window, and the failure rate."""
+        """A snapshot: calls, failures and slow calls in the window, and the failure rate.
+
+        With a store these are this process's own calls (the mirror kept for when the store is
+        unavailable), not the fleet's.
+        """
         rt = self._rt
         with rt.lock:
             window = rt.window
@@ -292,23 +335,42 @@ class CircuitBreaker(Policy):
         self._failure(None, duration, exc)
 
     def reset(self) -> None:
-        """Close the breaker and forget its window (an operator's override)."""
+        """Close the breaker and forget its window (an operator's override; fleet-wide with a
+        store)."""
         with self._rt.lock:
             change = self._close_locked()
         self._announce(change)
+        if self._shared is not None:
+            reply = self._shared.call("reset")
+            if reply is not None:
+                self._shared_adopt(reply)
 
     def open(self) -> None:
-        """Open the breaker now, for ``open_for`` (an operator's override)."""
+        """Open the breaker now, for ``open_for`` (an operator's override; fleet-wide with a
+        store)."""
         with self._rt.lock:
             change = self._open_locked(self._clock.monotonic())
         self._announce(change)
+        if self._shared is not None:
+            reply = self._shared.call("open")
+            if reply is not None:
+                self._shared_adopt(reply)
 
     # Generations tell a probe's outcome from that of a call admitted in an earlier state: only the
     # current generation's outcomes move a half-open breaker. ``None`` means "the current one",
     # which is what callers of the public protocol get.
 
-    def _acquire(self) -> int:
+    def _acquire(self, local: bool = False) -> int:
         rt = self._rt
+        if self._shared is not None and not local:
+            gen = self._shared_plan()
+            if gen != ASK:
+                return gen
+            claim = self._shared.new_claim()
+            reply = self._shared.call("acquire", claim)
+            if reply is None:
+                return self._acquire(local=True)
+            return self._shared_acquired(reply, claim)
         if self._storage is not None:
             self._pull_storage()
         if rt.state is CLOSED:
@@ -335,13 +397,27 @@ class CircuitBreaker(Policy):
         rt = self._rt
         if rt.state is CLOSED:
             return
+        if self._shared is not None:
+            claim = self._shared_claim(gen)
+            if claim:
+                self._shared.call("release", claim)
         with rt.lock:
             if rt.state is HALF_OPEN and (gen is None or gen == rt.generation):
                 rt.probes_in_flight = max(0, rt.probes_in_flight - 1)
 
-    def _success(self, gen: int | None, duration: float) -> None:
+    def _success(self, gen: int | None, duration: float, local: bool = False) -> None:
         rt = self._rt
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
+        if self._shared is not None and not local:
+            claim = self._shared_claim(gen)
+            reply = self._shared.call("record", claim, False, slow)
+            if reply is None:
+                self._success(gen, duration, local=True)
+            else:
+                self._shared_recorded(reply, failed=False, slow=slow)
+                for listener in self.listeners:
+                    listener.success(self)  # type: ignore[arg-type]
+            return
         change = None
         with rt.lock:
             state = rt.state
@@ -363,9 +439,22 @@ class CircuitBreaker(Policy):
         for listener in self.listeners:
             listener.success(self)  # type: ignore[arg-type]
 
-    def _failure(self, gen: int | None, duration: float, exc: BaseException | None) -> None:
+    def _failure(
+        self, gen: int | None, duration: float, exc: BaseException | None, local: bool = False
+    ) -> None:
         rt = self._rt
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
+        if self._shared is not None and not local:
+            claim = self._shared_claim(gen)
+            reply = self._shared.call("record", claim, True, slow)
+            if reply is None:
+                self._failure(gen, duration, exc, local=True)
+            else:
+                self._shared_recorded(reply, failed=True, slow=slow)
+                if exc is not None:
+                    for listener in self.listeners:
+                        listener.failure(self, exc)  # type: ignore[arg-type]
+            return
         change = None
         with rt.lock:
             state = rt.state
@@ -484,13 +573,160 @@ class CircuitBreaker(Policy):
                 change = self._move_locked(CLOSED)
         self._announce(change)
 
+    # -- shared state (store=): decisions here, the round trips in the drivers ----------------------
+
+    def _shared_plan(self) -> int:
+        """Decide from the cached shared state: a generation, REJECTED, or ASK the store."""
+        rt = self._rt
+        state = rt.state
+        if state is CLOSED:
+            shared = self._shared
+            assert shared is not None
+            if self._clock.monotonic() - shared.synced_at < shared.staleness:
+                return rt.generation
+        elif state is OPEN and self._clock.monotonic() < rt.open_until:
+            return REJECTED
+        return ASK
+
+    def _shared_adopt(self, reply: BreakerReply) -> None:
+        with self._rt.lock:
+            change = self._shared_adopt_locked(reply)
+        self._announce(change)
+
+    def _shared_adopt_locked(self, reply: BreakerReply) -> tuple[State, State, float | None] | None:
+        """Take the state the store answered with; a change is announced like a local one."""
+        rt = self._rt
+        shared = self._shared
+        assert shared is not None
+        now = self._clock.monotonic()
+        shared.synced_at = now
+        if reply.generation != shared.generation:
+            shared.generation = reply.generation
+            shared.claims.clear()
+            rt.probe_successes = 0
+        new = _FROM_STORE[reply.state]
+        change = None
+        if new is OPEN:
+            rt.open_until = now + reply.open_left
+            rt.opened_for = reply.opened_for
+        if new is not rt.state:
+            if new is CLOSED:
+                rt.window.clear()
+                rt.consecutive = 0
+                rt.streak = 0
+            change = self._move_locked(new)
+        if new is HALF_OPEN:
+            rt.probes_in_flight = len(shared.claims)
+        return change
+
+    def _shared_acquired(self, reply: BreakerReply, claim: str) -> int:
+        """The store's answer to "may I call?": a generation, or REJECTED."""
+        rt = self._rt
+        with rt.lock:
+            change = self._shared_adopt_locked(reply)
+            if not reply.granted:
+                gen = REJECTED
+            else:
+                if rt.state is HALF_OPEN:
+                    shared = self._shared
+                    assert shared is not None
+                    shared.claims.append(claim)
+                    rt.probes_in_flight = len(shared.claims)
+                gen = rt.generation
+        self._announce(change)
+        return gen
+
+    def _shared_claim(self, gen: int | None) -> str:
+        """The probe claim an outcome settles ("" unless it is a probe of this episode)."""
+        rt = self._rt
+        shared = self._shared
+        assert shared is not None
+        if rt.state is not HALF_OPEN:
+            return ""
+        with rt.lock:
+            if shared.claims and (gen is None or gen == rt.generation):
+                return shared.claims.pop()
+        return ""
+
+    def _shared_recorded(self, reply: BreakerReply, *, failed: bool, slow: bool) -> None:
+        """An outcome the store took: mirror it locally (for when the store is down), adopt."""
+        rt = self._rt
+        with rt.lock:
+            if rt.state is CLOSED:
+                rt.consecutive = rt.consecutive + 1 if failed else 0
+                window = rt.window
+                if isinstance(window, TimeWindow):
+                    window.add(self._clock.monotonic(), 1.0, float(failed), float(slow))
+                else:
+                    window.add(failed, slow)
+            change = self._shared_adopt_locked(reply)
+        self._announce(change)
+
+    async def _execute_shared_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
+        """The async driver with a store: the round trips never block the event loop."""
+        shared = self._shared
+        assert shared is not None
+        gen = self._shared_plan()
+        if gen == ASK:
+            claim = shared.new_claim()
+            reply = await shared.call_async("acquire", claim)
+            gen = (
+                self._acquire(local=True) if reply is None else self._shared_acquired(reply, claim)
+            )
+        if gen == REJECTED:
+            raise self._reject()
+        if self.listeners:
+            for listener in self.listeners:
+                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        started = self._clock.monotonic()
+        try:
+            result = await thunk()
+        except Exception as exc:
+            await self._shared_outcome_async(gen, self._is_failure(exc), started, exc)
+            raise
+        except BaseException:
+            # Cancelled: give a probe permit back (one blocking round trip, only when probing).
+            self._release(gen)
+            raise
+        failed = self.result is not None and bool(self.result(result))
+        await self._shared_outcome_async(gen, failed, started, None)
+        return result
+
+    async def _shared_outcome_async(
+        self, gen: int, failed: bool, started: float, exc: BaseException | None
+    ) -> None:
+        shared = self._shared
+        assert shared is not None
+        duration = self._clock.monotonic() - started
+        slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
+        reply = await shared.call_async("record", self._shared_claim(gen), failed, slow)
+        if reply is None:
+            if failed:
+                self._failure(gen, duration, exc, local=True)
+            else:
+                self._success(gen, duration, local=True)
+            return
+        self._shared_recorded(reply, failed=failed, slow=slow)
+        for listener in self.listeners:
+            if not failed:
+                listener.success(self)  # type: ignore[arg-type]
+            elif exc is not None:
+                listener.failure(self, exc)  # type: ignore[arg-type]
+
     # -- drivers ---------------------------------------------------------------------------------
 
     def _reject(self) -> CircuitOpenError:
         retry_after = self.retry_after()
-        emit(self.hooks, CallRejected(self.name, "circuit_breaker", self.state))
+        if self._shared is not None:
+            # From the cache: a refused call makes no round trip, however old the cache is.
+            rt = self._rt
+            opened = rt.state is OPEN and self._clock.monotonic() >= rt.open_until
+            state = HALF_OPEN if opened else rt.state
+        else:
+            state = self.state
+        emit(self.hooks, CallRejected(self.name, "circuit_breaker", state))
         return CircuitOpenError(
-            f"circuit breaker {self.name!r} is {self.state}",
+            f"circuit breaker {self.name!r} is {state}",
             name=self.name,
             retry_after=retry_after,
         )
@@ -568,6 +804,8 @@ class CircuitBreaker(Policy):
                 raise
             self._fast_success(gen)
             return result
+        if self._shared is not None:
+            return await self._execute_shared_async(thunk)
         gen = self._acquire()
         if gen == REJECTED:
             raise self._reject()

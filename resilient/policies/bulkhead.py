@@ -22,6 +22,13 @@ cancelled or times out just as it is handed a permit passes the permit on.
 
 Waits are measured by the event loop (async; so trio's ``MockClock`` drives them) or the OS (sync)
 when ``clock`` is left out; with a ``clock=`` (e.g. `FakeClock`) they are measured on that clock.
+
+The limit is fixed (``max_concurrent=10``) or adaptive (``max_concurrent=AIMDLimit(...)``). An
+adaptive bulkhead samples its limit as each permitted call finishes (`on_success` / `on_failure`;
+the decorator reports for you). A raised limit hands permits to waiters at once; a lowered one takes
+free permits away first and, when more calls are in flight than the new limit, retires returned
+permits (``debt``) until in-flight falls below it. The fixed path never looks at any of this: the
+drivers branch once, on ``_limit``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from resilient._errors import BulkheadFullError
 from resilient._policy import Policy
 from resilient.events import CallRejected, Hook, emit
 from resilient.policies._common import check_count, check_positive, resolve_clock
+from resilient.policies.limits import AIMDLimit
 
 __all__ = ["Bulkhead", "BulkheadStatistics"]
 
@@ -71,10 +79,12 @@ _WHY = {
 class BulkheadStatistics:
     """A snapshot of a `Bulkhead`: permits in use and free, callers queued, and running totals.
 
-    ``in_use + available == max_concurrent`` always; a permit handed to a queued caller that has not
-    resumed yet counts as in use. ``acquired_total`` counts permits given out (at once or from the
-    queue), ``completed_total`` permits given back, ``rejected_total`` refusals (including
-    ``try_acquire()`` returning False).
+    ``max_concurrent`` is the current limit (for an `AIMDLimit`, the value it has moved to).
+    ``in_use + available == max_concurrent`` always, except just after an adaptive limit fell below
+    the calls in flight (then ``available == 0`` and ``in_use > max_concurrent`` until enough of
+    them finish); a permit handed to a queued caller that has not resumed yet counts as in use.
+    ``acquired_total`` counts permits given out (at once or from the queue), ``completed_total``
+    permits given back, ``rejected_total`` refusals (including ``try_acquire()`` returning False).
 
     Example::
 
@@ -111,12 +121,15 @@ class _Waiter:
 class _Runtime:
     """The bulkhead's mutable state; every read and write happens under ``lock``."""
 
-    __slots__ = ("acquired", "completed", "free", "limit", "lock", "rejected", "waiters")
+    __slots__ = ("acquired", "completed", "debt", "free", "limit", "lock", "rejected", "waiters")
 
     def __init__(self, limit: int) -> None:
         self.lock = threading.Lock()
         self.limit = limit
         self.free = limit  # > 0 only while nobody waits: releases go to waiters first
+        # Adaptive only: permits in use beyond a lowered limit, retired as they come back.
+        # In use = limit - free + debt; free > 0 and debt > 0 never hold together.
+        self.debt = 0
         self.waiters: deque[_Waiter] = deque()
         self.acquired = 0
         self.completed = 0
@@ -164,9 +177,29 @@ class Bulkhead(Policy):
                 db.release()
 
         db.acquire()                  # or wait in the queue (async: await db.acquire_async())
+
+    With an adaptive limit, ``max_concurrent=rs.AIMDLimit(...)``, the number of permits follows
+    the calls' outcomes (see `AIMDLimit`). The decorator reports each outcome; code using the
+    permission protocol reports it by how it gives the permit back::
+
+        api = rs.Bulkhead(name="api", max_concurrent=rs.AIMDLimit(initial=20, timeout=2.0))
+
+        api.acquire()
+        started = time.monotonic()
+        try:
+            response = send()
+        except BaseException:
+            api.release()             # cancelled, or never sent: no sample
+            raise
+        if response.status_code in (429, 503):
+            api.on_failure(time.monotonic() - started)    # exc=None: a drop, the limit backs off
+        else:
+            api.on_success(time.monotonic() - started)    # may grow the limit (a drop if > timeout)
+
+    With a fixed limit all three just give the permit back.
     """
 
-    max_concurrent: int = 10
+    max_concurrent: int | AIMDLimit = 10
     max_queue: int = 0
     max_wait: float | None = None
     name: str = "bulkhead"
@@ -175,10 +208,19 @@ class Bulkhead(Policy):
     _clock: Clock = field(init=False, repr=False)
     _native: bool = field(init=False, repr=False)
     _queueing: bool = field(init=False, repr=False)
+    _limit: AIMDLimit | None = field(init=False, repr=False)
     _rt: _Runtime = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_count("max_concurrent", self.max_concurrent)
+        limit = self.max_concurrent
+        if isinstance(limit, AIMDLimit):
+            start = limit.initial
+        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            start = limit
+        else:
+            raise ValueError(
+                f"max_concurrent must be an integer >= 1 or an AIMDLimit, got {limit!r}"
+            )
         check_count("max_queue", self.max_queue, minimum=0)
         if self.max_wait is not None:
             check_positive("max_wait", self.max_wait, allow_zero=True)
@@ -188,7 +230,8 @@ class Bulkhead(Policy):
         object.__setattr__(self, "_clock", clock)
         object.__setattr__(self, "_native", isinstance(clock, SystemClock))
         object.__setattr__(self, "_queueing", self.max_queue > 0 and self.max_wait != 0)
-        object.__setattr__(self, "_rt", _Runtime(self.max_concurrent))
+        object.__setattr__(self, "_limit", limit if isinstance(limit, AIMDLimit) else None)
+        object.__setattr__(self, "_rt", _Runtime(start))
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
     def describe(self) -> str:
@@ -211,7 +254,7 @@ class Bulkhead(Policy):
             return BulkheadStatistics(
                 max_concurrent=rt.limit,
                 max_queue=self.max_queue,
-                in_use=rt.limit - rt.free,
+                in_use=rt.limit - rt.free + rt.debt,
                 available=rt.free,
                 queued=len(rt.waiters),
                 acquired_total=rt.acquired,
@@ -284,12 +327,17 @@ class Bulkhead(Policy):
     def release(self) -> None:
         """Give a permit back; the longest-waiting caller, if any, gets it.
 
-        Raises RuntimeError when no permit is out (a release without an acquire).
+        Use it for a permit whose call did not run or was cancelled: with an adaptive limit it is
+        not a sample (report finished calls with `on_success` / `on_failure`). Raises RuntimeError
+        when no permit is out (a release without an acquire).
 
         Example::
 
             bulkhead.release()
         """
+        if self._limit is not None:
+            self._give_back(None, None)
+            return
         rt = self._rt
         with rt.lock:
             if rt.free >= rt.limit:
@@ -304,22 +352,88 @@ class Bulkhead(Policy):
         self._wake(waiter)
 
     def on_success(self, duration: float) -> None:
-        """The permitted call succeeded: release its permit (the breaker's protocol, shared).
+        """The permitted call succeeded after ``duration`` seconds: release its permit.
+
+        With an adaptive limit this is a sample: a drop if ``duration`` exceeds the limit's
+        ``timeout``, otherwise it may grow the limit. (The breaker's protocol, shared.)
 
         Example::
 
             bulkhead.on_success(0.012)
         """
+        if self._limit is not None:
+            self._give_back(False, duration)
+            return
         self.release()
 
     def on_failure(self, duration: float, exc: BaseException | None = None) -> None:
-        """The permitted call failed: release its permit (the breaker's protocol, shared).
+        """The permitted call failed after ``duration`` seconds: release its permit.
+
+        With an adaptive limit this is a sample: a drop when ``exc`` is None (the caller's own
+        verdict, e.g. an HTTP 503 or 429 answer) or is matched by the limit's ``on``, or when the
+        call took longer than its ``timeout``; any other exception means the dependency answered
+        and counts like a success. A cancellation exception is no sample (as `release`).
 
         Example::
 
-            bulkhead.on_failure(0.5, TimeoutError())
+            bulkhead.on_failure(0.5, TimeoutError())   # a drop: an adaptive limit backs off
         """
-        self.release()
+        limit = self._limit
+        if limit is None:
+            self.release()
+        elif exc is None:
+            self._give_back(True, duration)
+        elif isinstance(exc, Exception):
+            self._give_back(limit.is_drop(exc), duration)
+        else:
+            self._give_back(None, None)
+
+    # -- the adaptive limit ------------------------------------------------------------------------
+
+    def _give_back(self, dropped: bool | None, duration: float | None) -> None:
+        """Adaptive release: sample the limit (unless ``dropped`` is None), then return the permit."""
+        limit = self._limit
+        assert limit is not None
+        rt = self._rt
+        with rt.lock:
+            in_use = rt.limit - rt.free + rt.debt
+            if in_use <= 0:
+                raise RuntimeError(f"bulkhead {self.name!r}: release() without a permit")
+            rt.completed += 1
+            permits = 1
+            if dropped is not None:
+                new = limit.next_limit(rt.limit, in_use, dropped=dropped, duration=duration)
+                permits += new - rt.limit
+                rt.limit = new
+            woken = self._move_permits_locked(permits)
+        for waiter in woken:
+            self._wake(waiter)
+
+    def _move_permits_locked(self, permits: int) -> list[_Waiter]:
+        """Adaptive: add ``permits`` (or take them away, if negative); the waiters to wake.
+
+        Added permits pay off debt first, then go to waiters in FIFO order, then to ``free``;
+        taken permits come out of ``free`` first and become debt when it runs out.
+        """
+        rt = self._rt
+        woken: list[_Waiter] = []
+        if permits > 0:
+            paid = min(rt.debt, permits)
+            rt.debt -= paid
+            permits -= paid
+            waiters = rt.waiters
+            while permits and waiters:
+                waiter = waiters.popleft()
+                waiter.state = _GRANTED
+                rt.acquired += 1
+                woken.append(waiter)
+                permits -= 1
+            rt.free += permits
+        elif permits < 0:
+            taken = min(rt.free, -permits)
+            rt.free -= taken
+            rt.debt += -permits - taken
+        return woken
 
     # -- the slow paths ----------------------------------------------------------------------------
 
@@ -375,6 +489,14 @@ class Bulkhead(Policy):
     def _forfeit(self, waiter: _Waiter) -> None:
         """``waiter`` was handed a permit it will not use (cancelled, unreachable): pass it on."""
         rt = self._rt
+        if self._limit is not None:
+            with rt.lock:
+                waiter.state = _GONE
+                rt.acquired -= 1
+                woken = self._move_permits_locked(1)
+            for other in woken:
+                self._wake(other)
+            return
         with rt.lock:
             waiter.state = _GONE
             rt.acquired -= 1
@@ -401,7 +523,7 @@ class Bulkhead(Policy):
         emit(self.hooks, CallRejected(self.name, "bulkhead", reason))
         return BulkheadFullError(
             f"bulkhead {self.name!r} rejected the call: {_WHY[reason]} "
-            f"(max_concurrent={self.max_concurrent}, max_queue={self.max_queue}, "
+            f"(max_concurrent={self._rt.limit}, max_queue={self.max_queue}, "
             f"max_wait={self.max_wait})",
             name=self.name,
         )
@@ -500,6 +622,8 @@ class Bulkhead(Policy):
     # -- drivers ---------------------------------------------------------------------------------
 
     def _execute(self, thunk: Callable[[], T]) -> T:
+        if self._limit is not None:
+            return self._execute_adaptive(thunk)
         rt = self._rt
         with rt.lock:
             admitted = rt.free > 0
@@ -524,6 +648,8 @@ class Bulkhead(Policy):
                 self._wake(waiter)
 
     async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
+        if self._limit is not None:
+            return await self._execute_adaptive_async(thunk)
         rt = self._rt
         with rt.lock:
             admitted = rt.free > 0
@@ -545,3 +671,53 @@ class Bulkhead(Policy):
                     rt.acquired += 1
             if waiter is not None:
                 self._wake(waiter)
+
+    def _execute_adaptive(self, thunk: Callable[[], T]) -> T:
+        limit = self._limit
+        assert limit is not None
+        rt = self._rt
+        with rt.lock:
+            admitted = rt.free > 0
+            if admitted:
+                rt.free -= 1
+                rt.acquired += 1
+        if not admitted:
+            self._acquire_slow()
+        clock = self._clock if limit.timeout is not None else None
+        started = clock.monotonic() if clock is not None else 0.0
+        try:
+            result = thunk()
+        except Exception as exc:
+            took = clock.monotonic() - started if clock is not None else None
+            self._give_back(limit.is_drop(exc), took)
+            raise
+        except BaseException:
+            self._give_back(None, None)  # cancelled: no sample
+            raise
+        self._give_back(False, clock.monotonic() - started if clock is not None else None)
+        return result
+
+    async def _execute_adaptive_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
+        limit = self._limit
+        assert limit is not None
+        rt = self._rt
+        with rt.lock:
+            admitted = rt.free > 0
+            if admitted:
+                rt.free -= 1
+                rt.acquired += 1
+        if not admitted:
+            await self._acquire_slow_async()
+        clock = self._clock if limit.timeout is not None else None
+        started = clock.monotonic() if clock is not None else 0.0
+        try:
+            result = await thunk()
+        except Exception as exc:
+            took = clock.monotonic() - started if clock is not None else None
+            self._give_back(limit.is_drop(exc), took)
+            raise
+        except BaseException:
+            self._give_back(None, None)  # cancelled: no sample
+            raise
+        self._give_back(False, clock.monotonic() - started if clock is not None else None)
+        return result

@@ -27,6 +27,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 import resilient as rs
+from resilient.balancing import LatencyWindow
 from resilient.events import Event, HedgeLaunched
 from resilient.http import Hedging
 from resilient.testing import FakeClock, Fleet
@@ -346,11 +347,78 @@ def test_default_transport_hedges_on_the_learned_p95() -> None:
         ("min_delay", -0.001),
         ("min_samples", 0),
         ("max_workers", 1),
+        ("tail_ratio", 0.5),
+        ("tail_ratio", -1.0),
     ],
 )
 def test_hedging_rejects_invalid_settings(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         Hedging(**{field: value})
+
+
+def _window(*groups: tuple[int, float]) -> LatencyWindow:
+    window = LatencyWindow()
+    for count, seconds in groups:
+        for _ in range(count):
+            window.add(seconds)
+    return window
+
+
+def test_learned_delay_is_the_percentile_when_the_tail_is_near_the_median() -> None:
+    # 100 samples, 1..100 ms: p95 = ordered[95] = 96 ms, median 51 ms: 96 < 3 x 51.
+    window = LatencyWindow()
+    for ms in range(1, 101):
+        window.add(ms / 1000)
+    assert Hedging().learned_delay(window) == 0.096
+    assert Hedging(delay="p50").learned_delay(window) == 0.051
+
+
+def test_learned_delay_starts_early_when_the_slow_answers_are_a_mode_of_their_own() -> None:
+    # The bench's tail: 95 % answer in 4 ms, 5 % in 64 ms. p95 = ordered[95] = 64 ms is the slow
+    # mode itself; 3 x the median (12 ms) is later than p90 (4 ms): hedge at 12 ms.
+    window = _window((95, 0.004), (5, 0.064))
+    assert Hedging().learned_delay(window) == pytest.approx(0.012)
+    # Off: the plain percentile.
+    assert Hedging(tail_ratio=None).learned_delay(window) == 0.064
+    # A wide fast mode: p90 is later than 3 x the median, so p90 it is (at most 2 x the hedges).
+    wide = _window((60, 0.002), (30, 0.004), (5, 0.010), (5, 0.100))
+    assert Hedging().learned_delay(wide) == 0.010  # p90 = ordered[90]; 3 x median = 6 ms < 10
+    assert Hedging(tail_ratio=4.0).learned_delay(wide) == 0.010  # max(p90 10 ms, 4 x 2 ms)
+    assert Hedging(tail_ratio=6.0).learned_delay(wide) == 0.012  # max(p90 10 ms, 6 x 2 ms)
+    # Never later than the percentile itself, and never under min_delay.
+    assert Hedging(tail_ratio=100.0).learned_delay(window) == 0.064
+    fast = _window((100, 0.0001))
+    assert Hedging().learned_delay(fast) == 0.002
+
+
+def test_learned_delay_waits_for_min_samples_and_a_fixed_delay_is_itself() -> None:
+    assert Hedging(min_samples=50).learned_delay(_window((49, 0.004))) is None
+    assert Hedging(min_samples=50).learned_delay(_window((50, 0.004))) == 0.004
+    assert Hedging(delay=0.05).learned_delay(LatencyWindow()) == 0.05
+
+
+def test_latency_window_keeps_what_it_learned_up_to_date() -> None:
+    seen: list[int] = []
+
+    def learn(window: LatencyWindow) -> float | None:
+        seen.append(len(window._samples))
+        return window.quantile(0.5, min_samples=10)
+
+    window = LatencyWindow(learn=learn)
+
+    def learned() -> float | None:  # a call, so that mypy does not narrow it once for all
+        return window.learned
+
+    for _ in range(9):
+        window.add(0.001)
+    assert learned() is None  # asked after every sample until it knows
+    window.add(0.001)
+    assert learned() == 0.001 and seen == list(range(1, 11))
+    for _ in range(127):
+        window.add(0.009)
+    assert learned() == 0.001 and len(seen) == 10  # not asked again before 128 samples
+    window.add(0.009)
+    assert learned() == 0.009 and seen[-1] == 138  # then from every sample, freshly sorted
 
 
 def test_transport_rejects_a_hedge_that_is_not_hedging() -> None:

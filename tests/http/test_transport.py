@@ -822,6 +822,35 @@ async def test_bulkhead_rejects_calls_beyond_max_concurrent_async(
     assert fleet[0].counts().total == 2
 
 
+def test_an_adaptive_bulkhead_learns_from_the_answers(fleet: Fleet, clock: FakeClock) -> None:
+    bulkhead = rs.Bulkhead(max_concurrent=rs.AIMDLimit(initial=2, min_limit=1, max_limit=10))
+    transport = rs.ResilientTransport(clock=clock, bulkhead=bulkhead, attempts=1)
+
+    def limit() -> int:
+        return bulkhead.statistics().max_concurrent
+
+    url = fleet.urls[0]
+    with httpx.Client(transport=transport, timeout=10.0) as client:
+        assert client.get(url + "/a").status_code == 200
+        assert limit() == 3  # 1 of 2 permits in use when it ended: in use, so +1
+        fleet[0].set_faults(error_rate=1.0)
+        assert client.get(url + "/b").status_code == 503
+        assert limit() == 2  # the server shed load: floor(3 x 0.9)
+        fleet[0].set_faults()
+        fleet[0].freeze()
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                client.get(url + "/c", timeout=httpx.Timeout(10.0, read=0.2))
+        finally:
+            fleet[0].thaw()
+        assert limit() == 1  # an httpx timeout is a drop too: floor(2 x 0.9)
+        with client.stream("GET", url + "/d") as response:
+            assert bulkhead.statistics().in_use == 1  # held while the body is open
+            response.read()
+    assert bulkhead.statistics().in_use == 0
+    assert limit() == 2  # 1 of 1 in use: +1
+
+
 def test_concurrent_first_requests_share_one_default_inner_transport(
     fleet: Fleet, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

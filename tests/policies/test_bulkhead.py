@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -28,6 +28,7 @@ import resilient as rs
 from resilient._clock import system_clock
 from resilient._deadline import deadline_scope
 from resilient.events import CallRejected, Event
+from resilient.policies.limits import AIMDLimit
 from resilient.testing import FakeClock
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -864,3 +865,52 @@ class BulkheadMachine(RuleBasedStateMachine):
 
 TestBulkheadMachine = BulkheadMachine.TestCase
 TestBulkheadMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+# -- an adaptive limit (AIMDLimit; the limit's own tests are in test_limits.py) --------------------
+
+
+@given(
+    ops=st.lists(
+        st.sampled_from(["try_acquire", "on_success", "on_failure", "on_timeout", "release"]),
+        max_size=80,
+    ),
+    initial=st.integers(1, 6),
+)
+@settings(max_examples=200, deadline=None)
+def test_adaptive_statistics_follow_a_simple_model(ops: list[str], initial: int) -> None:
+    aimd = AIMDLimit(initial=initial, min_limit=1, max_limit=8, backoff=0.5)
+    bh = rs.Bulkhead(max_concurrent=aimd)
+    limit, held = initial, 0
+    for op in ops:
+        if op == "try_acquire":
+            assert bh.try_acquire() is (held < limit)
+            held += held < limit
+        elif held:
+            if op == "on_success":
+                bh.on_success(0.1)
+                limit = aimd.next_limit(limit, held)
+            elif op == "on_failure":
+                bh.on_failure(0.1)
+                limit = aimd.next_limit(limit, held, dropped=True)
+            elif op == "on_timeout":
+                bh.on_failure(0.1, TimeoutError())
+                limit = aimd.next_limit(limit, held, dropped=True)
+            else:
+                bh.release()
+            held -= 1
+        stats = bh.statistics()
+        assert 1 <= stats.max_concurrent <= 8
+        assert (stats.max_concurrent, stats.in_use, stats.available) == (
+            limit,
+            held,
+            max(0, limit - held),
+        )
+
+
+def test_adaptive_describe_and_fields() -> None:
+    aimd = AIMDLimit(initial=5)
+    bh = rs.Bulkhead(max_concurrent=aimd, max_queue=3)
+    assert bh.max_concurrent is aimd
+    assert "AIMDLimit(initial=5" in bh.describe()
+    assert bh.statistics().max_concurrent == 5
