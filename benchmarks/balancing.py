@@ -28,12 +28,8 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import gc
-import importlib.metadata
 import itertools
-import json
-import platform
 import random
 import statistics
 import sys
@@ -43,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from resilient import _benchkit as kit
 from resilient._clock import system_clock
 from resilient.balancing import (
     Balancer,
@@ -148,14 +145,9 @@ def _timed(pick: Callable[..., object], args: tuple[Any, ...], n: int) -> int:
 def _calibrate(pick: Callable[..., object], args: tuple[Any, ...], target_ns: int) -> int:
     """The N of calls that takes about ``target_ns``."""
     n = 1
-    while (elapsed := _timed(pick, args, n)) < target_ns // 8:
+    while (found := kit.calibrated(n, _timed(pick, args, n), target_ns)) is None:
         n *= 2
-    return max(1, round(n * target_ns / max(elapsed, 1)))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return found
 
 
 # -- 1. picks --------------------------------------------------------------------------------------
@@ -240,7 +232,7 @@ def measure_picks(
                 jobs.append(_Job(row, size, balancer.pick, (pool, (), False, NOW)))
             except Exception as exc:  # a broken balancer is reported, not fatal
                 row.ns[size] = None
-                row.error = _describe(exc)
+                row.error = kit.describe(exc)
         try:
             runtime = _runtime(_Publisher(endpoints(size)), PowerOfTwo(random=_seeded()))
             runtime.refresh()
@@ -252,7 +244,7 @@ def measure_picks(
             jobs.append(_Job(service_row, size, runtime.pick, ((),)))
         except Exception as exc:
             service_row.ns[size] = None
-            service_row.error = _describe(exc)
+            service_row.error = kit.describe(exc)
     for job in jobs:
         job.n = _calibrate(job.pick, job.args, settings.target_ns)
     for repeat in range(settings.repeats):
@@ -346,7 +338,7 @@ def measure_membership(
     except Exception as exc:
         for row in (build, publish, one, many):
             if row.min_ms is None:
-                row.error = _describe(exc)
+                row.error = kit.describe(exc)
     return [one, many, publish, build]
 
 
@@ -415,7 +407,7 @@ def measure_memory(progress: Callable[[str], None] | None = None) -> list[Memory
         try:
             row.bytes = _bytes_each(build, n)
         except Exception as exc:
-            row.error = _describe(exc)
+            row.error = kit.describe(exc)
     if total.bytes is not None and replica.bytes is not None and breaker.bytes is not None:
         rest.bytes = total.bytes - replica.bytes - breaker.bytes
     else:
@@ -516,20 +508,6 @@ def check_targets(
 # -- reporting -----------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
-    widths = [len(h) for h in header]
-    for cells in lines:
-        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "-" * len(fmt(["-" * w for w in widths]))
-    return [fmt(header), rule, *(fmt(cells) for cells in lines), rule]
-
-
 def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -550,7 +528,7 @@ def render(
         return f" [{len(notes)}]"
 
     out = ["pick cost, ns per pick"]
-    out += _table(
+    out += kit.table(
         ["balancer", *(f"{n:,} replicas" for n in SIZES), "10,000 / 10"],
         [
             [
@@ -562,7 +540,7 @@ def render(
         ],
     )
     out += ["", f"membership change, service of {SERVICE_SIZE:,} replicas"]
-    out += _table(
+    out += kit.table(
         ["what", "min ms", "median ms"],
         [
             [row.label + note(row), _num(row.min_ms, ".2f"), _num(row.median_ms, ".2f")]
@@ -570,31 +548,21 @@ def render(
         ],
     )
     out += ["", f"memory per replica, {SERVICE_SIZE:,} replicas (tracemalloc)"]
-    out += _table(
+    out += kit.table(
         ["part", "bytes"],
         [[row.label + note(row), _num(row.bytes, ",.0f")] for row in memory],
     )
     out += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
     out += ["", "TARGETS"]
     for result in results:
-        verdict = "PASS" if result.passed else "FAIL"
         target = result.target
         if result.value is None:
-            out.append(f"  {verdict}  {target.name}: {result.error}")
+            shown = str(result.error)
         else:
-            shown = f"{result.value:,.2f}" if target.unit in ("x", "ms") else f"{result.value:,.0f}"
-            out.append(
-                f"  {verdict}  {target.name}: {shown} {target.unit} "
-                f"(limit {target.limit:,g} {target.unit})"
-            )
+            value = f"{result.value:,.2f}" if target.unit in ("x", "ms") else f"{result.value:,.0f}"
+            shown = f"{value} {target.unit} (limit {target.limit:,g} {target.unit})"
+        out.append(kit.verdict_line(result.passed, target.name, shown))
     return "\n".join(out)
-
-
-def _version() -> str | None:
-    try:
-        return importlib.metadata.version("resilient")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def to_json(
@@ -607,10 +575,8 @@ def to_json(
 ) -> dict[str, Any]:
     """Everything measured, as plain data (``--json``)."""
     return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "resilient": _version(),
+        **kit.environment(),
+        "resilient": kit.installed_version(),
         "quick": quick,
         "repeats": settings.repeats,
         "sizes": list(SIZES),
@@ -658,10 +624,7 @@ def to_json(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the tables and the targets; ``--check`` turns a missed target into exit 1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short repeats: a smoke test")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser = kit.argument_parser(__doc__, quick_help="short repeats: a smoke test")
     parser.add_argument("--verbose", action="store_true", help="say what is being measured")
     args = parser.parse_args(argv)
 
@@ -670,27 +633,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick
         else Settings(repeats=5, target_ns=50_000_000, membership_repeats=15)
     )
-    progress = (lambda s: print(f"  measuring {s}", file=sys.stderr)) if args.verbose else None
+    progress = kit.progress_printer(args.verbose)
     picks = measure_picks(settings, progress)
     membership = measure_membership(settings, progress)
     memory = measure_memory(progress)
     results = check_targets(picks, membership, memory)
 
-    print(
-        f"resilient {_version()} on {platform.python_implementation()} "
-        f"{sys.version.split()[0]}, {platform.platform()}"
-    )
+    print(kit.banner(f"resilient {kit.installed_version()}"))
     print(f"picks: min of {settings.repeats} repeats of ~{settings.target_ns / 1e9:g} s each\n")
     print(render(picks, membership, memory, results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(
-                to_json(picks, membership, memory, results, settings, args.quick), fh, indent=2
-            )
-            fh.write("\n")
-    if args.check and not all(r.passed for r in results):
-        return 1
-    return 0
+        kit.write_json(args.json, to_json(picks, membership, memory, results, settings, args.quick))
+    return kit.exit_status(args.check, results)
 
 
 if __name__ == "__main__":

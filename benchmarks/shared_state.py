@@ -25,12 +25,8 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import importlib.metadata
-import json
-import platform
 import shutil
 import socket
 import subprocess
@@ -43,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import resilient as rs
+from resilient import _benchkit as kit
 from resilient.stores import RedisStore
 
 __all__ = ["TARGETS", "Row", "Settings", "check_targets", "main", "measure", "render"]
@@ -153,11 +150,6 @@ async def _anoop() -> None:
     return None
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _evalsha_calls(store: RedisStore) -> int:
     stats = store._client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
@@ -184,7 +176,7 @@ def measure(
         try:
             row.us = _best_us(run, settings)
         except Exception as exc:
-            row.error = _describe(exc)
+            row.error = kit.describe(exc)
         rows.append(row)
         return row
 
@@ -335,23 +327,13 @@ def render(rows: Sequence[Row], results: Sequence[TargetResult]) -> str:
     out += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
     out += ["", "TARGETS"]
     for result in results:
-        verdict = "PASS" if result.passed else "FAIL"
         if result.value is None:
-            out.append(f"  {verdict}  {result.target.name}: {result.error}")
+            shown = str(result.error)
         else:
             unit = "x" if result.target.per else ""
-            out.append(
-                f"  {verdict}  {result.target.name}: {result.value:,.2f}{unit} "
-                f"(limit {result.target.limit:g}{unit})"
-            )
+            shown = f"{result.value:,.2f}{unit} (limit {result.target.limit:g}{unit})"
+        out.append(kit.verdict_line(result.passed, result.target.name, shown))
     return "\n".join(out)
-
-
-def _version() -> str | None:
-    try:
-        return importlib.metadata.version("resilient")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def to_json(
@@ -359,10 +341,8 @@ def to_json(
 ) -> dict[str, Any]:
     """Everything measured, as plain data (``--json``)."""
     return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "resilient": _version(),
+        **kit.environment(),
+        "resilient": kit.installed_version(),
         "quick": quick,
         "repeats": settings.repeats,
         "calls": settings.calls,
@@ -395,36 +375,26 @@ def to_json(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table and the targets; ``--check`` turns a missed target into exit 1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short repeats: a smoke test")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser = kit.argument_parser(__doc__, quick_help="short repeats: a smoke test")
     parser.add_argument("--verbose", action="store_true", help="say what is being measured")
     parser.add_argument("--url", help="an existing Redis (default: start redis-server)")
     args = parser.parse_args(argv)
 
     settings = Settings(repeats=2, calls=500) if args.quick else Settings(repeats=5, calls=5000)
-    progress = (lambda s: print(f"  measuring {s}", file=sys.stderr)) if args.verbose else None
+    progress = kit.progress_printer(args.verbose)
     try:
         with redis_server(args.url) as url:
             rows = measure(url, settings, progress)
     except Exception as exc:
-        rows = [Row("setup", "a Redis to measure against", error=_describe(exc))]
+        rows = [Row("setup", "a Redis to measure against", error=kit.describe(exc))]
     results = check_targets(rows)
 
-    print(
-        f"resilient {_version()} on {platform.python_implementation()} "
-        f"{sys.version.split()[0]}, {platform.platform()}"
-    )
+    print(kit.banner(f"resilient {kit.installed_version()}"))
     print(f"min of {settings.repeats} repeats of {settings.calls:,} calls, Redis on loopback\n")
     print(render(rows, results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(to_json(rows, results, settings, args.quick), fh, indent=2)
-            fh.write("\n")
-    if args.check and not all(r.passed for r in results):
-        return 1
-    return 0
+        kit.write_json(args.json, to_json(rows, results, settings, args.quick))
+    return kit.exit_status(args.check, results)
 
 
 if __name__ == "__main__":

@@ -31,16 +31,12 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import gc
-import importlib.metadata
 import importlib.util
 import io
 import itertools
-import json
-import platform
 import pstats
 import statistics
 import sys
@@ -53,6 +49,7 @@ from typing import Any
 import httpx
 
 import resilient as rs
+from resilient import _benchkit as kit
 
 __all__ = [
     "TARGETS",
@@ -141,20 +138,13 @@ async def _timed_async(client: httpx.AsyncClient, n: int) -> int:
             gc.enable()
 
 
-def _sized(n: int, elapsed_ns: int, target_ns: int) -> int | None:
-    """Calibration: the N that takes ``target_ns``, once ``n`` requests ran long enough to tell."""
-    if elapsed_ns < target_ns // 8:
-        return None
-    return max(1, round(n * target_ns / max(elapsed_ns, 1)))
-
-
 async def _async_repeat(resilient: bool, n: int, target_ns: int) -> tuple[int, int]:
     """One repeat in its own event loop and client: check, calibrate (``n`` = 0) or warm up, time."""
     async with httpx.AsyncClient(transport=_mock_transport(resilient)) as client:
         _check_response(await client.get(MOCK_URL), resilient)
         if n == 0:
             n = 1
-            while (found := _sized(n, await _timed_async(client, n), target_ns)) is None:
+            while (found := kit.calibrated(n, await _timed_async(client, n), target_ns)) is None:
                 n *= 2
             n = found
         else:
@@ -223,7 +213,7 @@ class _CpuJob:
                 self.client = client = httpx.Client(transport=_mock_transport(self.resilient))
                 _check_response(client.get(MOCK_URL), self.resilient)
                 n = 1
-                while (found := _sized(n, _timed_sync(client, n), target_ns)) is None:
+                while (found := kit.calibrated(n, _timed_sync(client, n), target_ns)) is None:
                     n *= 2
                 self.n = found
             gc.collect()
@@ -239,11 +229,6 @@ class _CpuJob:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def measure_cpu(settings: Settings, progress: Callable[[str], None] | None = None) -> list[CpuRow]:
@@ -275,7 +260,7 @@ def measure_cpu(settings: Settings, progress: Callable[[str], None] | None = Non
                 try:
                     job.run_once(settings.cpu_target_ns)
                 except Exception as exc:  # report the cell, measure the rest
-                    job.cell.error = _describe(exc)
+                    job.cell.error = kit.describe(exc)
     finally:
         for job in jobs:
             job.close()
@@ -413,7 +398,7 @@ def measure_throughput(
         fleet = rs.testing.Fleet(1, seed=0).start()
     except Exception as exc:
         for job in jobs:
-            job.cell.error = f"no replica: {_describe(exc)}"
+            job.cell.error = f"no replica: {kit.describe(exc)}"
         return rows
     try:
         url = fleet.urls[0] + "/items"
@@ -427,7 +412,7 @@ def measure_throughput(
                 try:
                     job.run_once(url)
                 except Exception as exc:
-                    job.cell.error = _describe(exc)
+                    job.cell.error = kit.describe(exc)
         # Every request reached the server: none lost, and at most a few extra copies (the
         # default transport hedges a request slower than the learned p95, up to its budget).
         if not any(job.cell.error for job in jobs):
@@ -436,7 +421,7 @@ def measure_throughput(
             try:
                 seen: int | str = fleet.total_requests()
             except Exception as exc:
-                seen = f"no count ({_describe(exc)})"
+                seen = f"no count ({kit.describe(exc)})"
             if not (isinstance(seen, int) and expected <= seen <= expected + 0.05 * hedged):
                 for job in jobs:
                     job.cell.error = (
@@ -524,20 +509,6 @@ def check_targets(
 # -- reporting -------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    widths = [len(h) for h in header]
-    for cells in body:
-        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "-" * len(fmt(["-" * w for w in widths]))
-    return [fmt(header), rule, *(fmt(cells) for cells in body), rule]
-
-
 def render(
     cpu: Sequence[CpuRow], throughput: Sequence[RpsRow], results: Sequence[TargetResult]
 ) -> str:
@@ -565,7 +536,7 @@ def render(
                 "" if ratio is None else f"{ratio:.2f}x",
             ]
         )
-    out += _table(["client", "plain httpx", "resilient", "added", "ratio"], body)
+    out += kit.table(["client", "plain httpx", "resilient", "added", "ratio"], body)
     out += ["", "Loopback throughput, one Fleet replica (requests/s, best of repeats)"]
     body = []
     for rps_row in throughput:
@@ -583,20 +554,18 @@ def render(
                 "" if ratio is None else f"{ratio:.3f}x",
             ]
         )
-    out += _table(["load", "plain httpx", "resilient", "ratio"], body)
+    out += kit.table(["load", "plain httpx", "resilient", "ratio"], body)
     out += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     out += ["", "TARGETS"]
     for result in results:
-        verdict = "PASS" if result.passed else "FAIL"
         target = result.target
         if result.value is None:
-            out.append(f"  {verdict}  {target.name}: {result.error}")
+            shown = str(result.error)
         elif target.metric == "ratio":
-            out.append(f"  {verdict}  {target.name}: {result.value:.3f}x (limit {target.limit}x)")
+            shown = f"{result.value:.3f}x (limit {target.limit}x)"
         else:
-            out.append(
-                f"  {verdict}  {target.name}: {result.value:+.2f} µs (limit {target.limit:g} µs)"
-            )
+            shown = f"{result.value:+.2f} µs (limit {target.limit:g} µs)"
+        out.append(kit.verdict_line(result.passed, target.name, shown))
     return "\n".join(out)
 
 
@@ -639,16 +608,6 @@ def profile(requests: int, top: int = 30) -> str:
 _DISTRIBUTIONS = ("resilient", "httpx", "httpcore", "opentelemetry-api", "anyio", "trio")
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in _DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def to_json(
     cpu: Sequence[CpuRow],
     throughput: Sequence[RpsRow],
@@ -658,12 +617,10 @@ def to_json(
 ) -> dict[str, Any]:
     """Everything measured, as plain data (``--json``)."""
     return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
+        **kit.environment(),
         "quick": quick,
         "repeats": settings.repeats,
-        "versions": _versions(),
+        "versions": kit.installed_versions(_DISTRIBUTIONS),
         "cpu": {
             "unit": "µs per request",
             "seconds_per_repeat": settings.cpu_target_ns / 1e9,
@@ -714,10 +671,7 @@ def to_json(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the tables and the targets; ``--check`` turns a missed target into exit 1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="2 short repeats: a smoke test")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser = kit.argument_parser(__doc__, quick_help="2 short repeats: a smoke test")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -727,31 +681,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
-    progress = (lambda s: print(f"  measuring {s}", file=sys.stderr)) if args.verbose else None
+    progress = kit.progress_printer(args.verbose)
     cpu = measure_cpu(settings, progress)
     throughput = measure_throughput(settings, progress)
     results = check_targets(cpu, throughput)
 
-    versions = _versions()
-    print(
-        f"resilient {versions['resilient']}, httpx {versions['httpx']} on "
-        f"{platform.python_implementation()} {sys.version.split()[0]}, {platform.platform()}"
-    )
+    versions = kit.installed_versions(_DISTRIBUTIONS)
+    print(kit.banner(f"resilient {versions['resilient']}, httpx {versions['httpx']}"))
     print(
         f"{settings.repeats} interleaved repeats; CPU repeats of ~{settings.cpu_target_ns / 1e9:g} s; "
         f"loopback repeats of {settings.requests:,} requests\n"
     )
     print(render(cpu, throughput, results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(to_json(cpu, throughput, results, settings, args.quick), fh, indent=2)
-            fh.write("\n")
+        kit.write_json(args.json, to_json(cpu, throughput, results, settings, args.quick))
     if args.profile:
         print()
         print(profile(2_000 if args.quick else 20_000))
-    if args.check and not all(r.passed for r in results):
-        return 1
-    return 0
+    return kit.exit_status(args.check, results)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import importlib.util
 import itertools
-import json
 import math
-import platform
 import sys
 import threading
 import time
@@ -54,6 +51,7 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
+from resilient import _benchkit as kit
 from resilient import events
 from resilient.testing.fleet import Fleet
 
@@ -1036,20 +1034,7 @@ def render(results: Sequence[RunResult], targets: Sequence[TargetResult]) -> str
         if with_model:
             line.append("" if r.model_pct is None else f"{r.model_pct:.2f}")
         body.append(line)
-    widths = [len(h) for h in header]
-    for cells in body:
-        if cells is not None:
-            widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        left = [c.ljust(w) for c, w in zip(cells[:2], widths[:2], strict=True)]
-        right = [c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True)]
-        return "  ".join(left + right).rstrip()
-
-    rule = "-" * len(fmt(["-" * w for w in widths]))
-    out = [fmt(header), rule]
-    out += [rule if cells is None else fmt(cells) for cells in body]
-    out.append(rule)
+    out = kit.table(header, body, left=2)
     out += [f"[{i}] {text}" for text, i in notes.items()]
     seen = list(dict.fromkeys(r.scenario for r in results))
     out += [f"{name:<8} {SCENARIOS[name].description}" for name in seen]
@@ -1064,7 +1049,7 @@ def render(results: Sequence[RunResult], targets: Sequence[TargetResult]) -> str
             if t.verdict == "SKIP":
                 continue
             shown = t.note if t.value is None else _fmt_value(t.target, t.value)
-            out.append(f"  {t.verdict}  {t.target.name}: {shown}")
+            out.append(kit.verdict_line(t.verdict, t.target.name, shown))
     return "\n".join(out)
 
 
@@ -1103,16 +1088,6 @@ def render_details(results: Sequence[RunResult]) -> str:
 _DISTRIBUTIONS = ("resilient", "httpx", "httpx-retries", "tenacity", "pyresilience", "rich")
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in _DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def to_json(
     results: Sequence[RunResult], targets: Sequence[TargetResult], settings: Settings
 ) -> dict[str, Any]:
@@ -1123,10 +1098,8 @@ def to_json(
         json.dump(to_json(results, check_targets(results), Settings()), fh, indent=2)
     """
     return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "versions": _versions(),
+        **kit.environment(),
+        "versions": kit.installed_versions(_DISTRIBUTIONS),
         "settings": {
             "requests": settings.requests,
             "threads": settings.threads,
@@ -1304,18 +1277,14 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     data: dict[str, Any] = {}
     if scenarios:
-        versions = _versions()
+        versions = kit.installed_versions(_DISTRIBUTIONS)
         peers = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "resilient")
         print(
             f"resilient bench: {REPLICAS} replicas on loopback, {settings.requests} GETs from "
             f"{settings.threads} threads per run, httpx timeout {settings.timeout:g} s, "
             f"seed {settings.seed}; a fresh fleet per run"
         )
-        print(
-            f"resilient {versions['resilient']} ({peers}) on {platform.python_implementation()} "
-            f"{sys.version.split()[0]}, {platform.platform()}\n",
-            flush=True,
-        )
+        print(kit.banner(f"resilient {versions['resilient']} ({peers})") + "\n", flush=True)
         progress = _progress(sys.stderr)
         try:
             results = run_bench(scenarios, clients, settings, progress)
@@ -1339,7 +1308,5 @@ def run(args: argparse.Namespace) -> int:
         status, data[OVERHEAD] = _bench_overhead.measure(quick=args.quick, check=True)
         failed = failed or status != 0
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        kit.write_json(args.json, data)
     return 1 if args.check and failed else 0

@@ -22,14 +22,10 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import importlib.metadata
 import importlib.util
 import itertools
-import json
-import platform
 import sys
 import time
 import warnings
@@ -38,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import resilient as rs
+from resilient import _benchkit as kit
 
 __all__ = ["STACKS", "TARGETS", "check_targets", "main", "measure", "render", "run_all"]
 
@@ -369,23 +366,16 @@ async def _timed_async(fn: AsyncFn, n: int) -> int:
             gc.enable()
 
 
-def _sized(n: int, elapsed_ns: int, target_ns: int) -> int | None:
-    """Calibration: the N that takes ``target_ns`` once ``n`` calls ran long enough to tell."""
-    if elapsed_ns < target_ns // 8:
-        return None
-    return max(1, round(n * target_ns / max(elapsed_ns, 1)))
-
-
 def _calibrate_sync(fn: SyncFn, target_ns: int) -> int:
     n = 1
-    while (found := _sized(n, _timed_sync(fn, n), target_ns)) is None:
+    while (found := kit.calibrated(n, _timed_sync(fn, n), target_ns)) is None:
         n *= 2
     return found
 
 
 async def _calibrate_async(fn: AsyncFn, target_ns: int) -> int:
     n = 1
-    while (found := _sized(n, await _timed_async(fn, n), target_ns)) is None:
+    while (found := kit.calibrated(n, await _timed_async(fn, n), target_ns)) is None:
         n *= 2
     return found
 
@@ -433,11 +423,7 @@ class Row:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, WrongResult):
-        return text
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    return kit.first_line(str(exc)) if isinstance(exc, WrongResult) else kit.describe(exc)
 
 
 def _missing(stack: Stack, column: str) -> str | None:
@@ -604,31 +590,15 @@ def render(rows: Sequence[Row], results: Sequence[TargetResult]) -> str:
                 ratio = "" if cell.ratio is None else _fmt_ratio(cell.ratio)
                 line += [_fmt_ns(cell.ns), ratio]
         body.append(line)
-    widths = [len(h) for h in header]
-    for cells in body:
-        if cells is not None:
-            widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "-" * len(fmt(["-" * w for w in widths]))
-    out = [fmt(header), rule]
-    out += [rule if cells is None else fmt(cells) for cells in body]
-    out.append(rule)
+    out = kit.table(header, body)
     out += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     out += ["", "TARGETS"]
     for result in results:
-        verdict = "PASS" if result.passed else "FAIL"
         if result.ratio is None:
-            out.append(f"  {verdict}  {result.target.name}: {result.error}")
+            shown = str(result.error)
         else:
-            out.append(
-                f"  {verdict}  {result.target.name}: {result.ratio:.3f}x "
-                f"(limit {result.target.limit}x)"
-            )
+            shown = f"{result.ratio:.3f}x (limit {result.target.limit}x)"
+        out.append(kit.verdict_line(result.passed, result.target.name, shown))
     return "\n".join(out)
 
 
@@ -645,30 +615,18 @@ _DISTRIBUTIONS = (
 )
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in _DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def to_json(
     rows: Sequence[Row], results: Sequence[TargetResult], settings: Settings, quick: bool
 ) -> dict[str, Any]:
     """Everything measured, as plain data (``--json``)."""
     return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
+        **kit.environment(),
         "quick": quick,
         "repeats": settings.repeats,
         "seconds_per_repeat": settings.target_ns / 1e9,
         "unit": "ns per successful call",
         "reference": REFERENCE,
-        "versions": _versions(),
+        "versions": kit.installed_versions(_DISTRIBUTIONS),
         "columns": list(COLUMNS),
         "rows": [
             {
@@ -715,15 +673,11 @@ def measure(
         assert {t["row"] for t in data["targets"]} == {"resilient.pipeline", "resilient.pipeline_timeout"}
     """
     settings = Settings(repeats=2, target_ns=10_000_000) if quick else Settings(5, 100_000_000)
-    progress = (lambda s: print(f"  measuring {s}", file=sys.stderr)) if verbose else None
+    progress = kit.progress_printer(verbose)
     rows = run_all(settings, progress=progress)
     results = check_targets(rows)
 
-    versions = _versions()
-    print(
-        f"resilient {versions['resilient']} on {platform.python_implementation()} "
-        f"{sys.version.split()[0]}, {platform.platform()}"
-    )
+    print(kit.banner(f"resilient {kit.installed_version()}"))
     print(
         f"ns per successful call, min of {settings.repeats} repeats of "
         f"~{settings.target_ns / 1e9:g} s; 'x ten.' = ratio to tenacity @retry, same column\n"
@@ -731,20 +685,13 @@ def measure(
     print(render(rows, results))
     data = to_json(rows, results, settings, quick)
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-    if check and not all(r.passed for r in results):
-        return 1, data
-    return 0, data
+        kit.write_json(json_path, data)
+    return kit.exit_status(check, results), data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table and the targets; ``--check`` turns a missed target into exit 1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="2 short repeats: a smoke test")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser = kit.argument_parser(__doc__, quick_help="2 short repeats: a smoke test")
     parser.add_argument("--verbose", action="store_true", help="say which cell is being measured")
     args = parser.parse_args(argv)
     status, _ = measure(

@@ -30,6 +30,8 @@ __all__ = [
     "Hook",
     "RetryGaveUp",
     "RetryScheduled",
+    "StoreRecovered",
+    "StoreUnavailable",
     "TimedOut",
     "add_hook",
     "emit",
@@ -173,6 +175,37 @@ class FallbackUsed(Event):
     kind: ClassVar[str] = "fallback_used"
     policy: ClassVar[str] = "fallback"
     exception: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUnavailable(Event):
+    """The store named ``name`` (``host:port/db``) failed with ``error`` (an exception type name);
+    the breakers and budgets using it run on local state until it answers again.
+
+    Example::
+
+        if isinstance(event, rs.events.StoreUnavailable):
+            alert(f"shared breaker state down: {event.name} ({event.error})")
+    """
+
+    kind: ClassVar[str] = "store_unavailable"
+    policy: ClassVar[str] = "store"
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRecovered(Event):
+    """The store named ``name`` answers again after ``down_for`` seconds; sharing resumed.
+
+    Example::
+
+        if isinstance(event, rs.events.StoreRecovered):
+            log.info("shared state back after %.1f s", event.down_for)
+    """
+
+    kind: ClassVar[str] = "store_recovered"
+    policy: ClassVar[str] = "store"
+    down_for: float
 
 
 class Hook(Protocol):

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import queue
 import random as _random
 import re
+import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -29,6 +31,7 @@ import anyio
 import anyio.abc
 import httpx
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from resilient._clock import Clock
@@ -92,6 +95,13 @@ else:  # pragma: no cover - Python 3.10 has no cancellation counts
         return 0
 
 
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's CA bundle, SSL_CERT_FILE/DIR honoured), made once
+    per process and shared by the default inner transports (an SSLContext is thread-safe)."""
+    return httpx.create_ssl_context()
+
+
 class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
     """A streamed request body that knows whether any part of it has gone out."""
 
@@ -121,6 +131,10 @@ class _TrackedBody(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 
 _PROVIDER_KNOWN = hasattr(trace, "_TRACER_PROVIDER")
+#: Likewise for metrics: with no meter provider installed, counting an attempt (a call into a
+#: proxy instrument that does nothing) is skipped; the global is read per attempt, so a provider
+#: installed later is seen.
+_METER_KNOWN = hasattr(_metrics_internal, "_METER_PROVIDER")
 
 
 def _tracing_installed() -> bool:
@@ -230,7 +244,7 @@ class _Call:
         self.service: ServiceRuntime | None = None
         self.logical: httpx.URL | None = None
         self.logical_host: str | None = None
-        self.tried: list[Replica] = []
+        self.tried: tuple[Replica, ...] = ()  # a tuple: no list to make for a direct host
         self.host: _Host | None = None
         self.timeouts: dict[str, float | None] | None = None
         self.shortened = False
@@ -608,6 +622,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             raise ValueError(f"fallback must be a StaleIfError or a callable, got {fallback!r}")
         self._clock = resolve_clock(clock)
         self._inner = transport
+        # The default inner transport is built at the first request (only then is it known to be
+        # sync or async), but its TLS context, the slow part (~20-30 ms loading the CA bundle), is
+        # ready now, as with httpx.Client(): otherwise the first requests would wait for it.
+        self._ssl: ssl.SSLContext | None = _default_ssl_context() if transport is None else None
         self._sync_inner: httpx.BaseTransport | None = None
         self._async_inner: httpx.AsyncBaseTransport | None = None
         self.attempts = attempts
@@ -649,6 +667,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         # With no provider given and none installed yet, spans are skipped until one is installed:
         # starting a no-op span costs ~1.5 µs a request for nothing.
         self._tracer_given = tracer_provider is not None
+        self._meter_given = meter_provider is not None or not _METER_KNOWN
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("resilient")
         meter = (meter_provider or metrics.get_meter_provider()).get_meter("resilient")
         self._instruments = _Instruments(
@@ -809,9 +828,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _prepare(
         self, request: httpx.Request, call: _Call, read_limit: float | None = None
     ) -> None:
-        """Set this attempt's httpx timeouts: the request's own, clipped to the time left and the
-        attempt timeout, and with the read timeout cut to ``read_limit`` for a speculative
-        attempt. Each attempt starts again from the request's own timeouts."""
+        """Set this attempt's httpx timeouts when there is a deadline or an attempt timeout: the
+        request's own, clipped to the time left and the attempt timeout, and with the read
+        timeout cut to ``read_limit`` for a speculative attempt. Each attempt starts again from
+        the request's own timeouts."""
         call.sent += 1
         limit = self.attempt_timeout
         if call.deadline_at is not None:
@@ -820,28 +840,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if self.deadline_header:
                 request.headers[self.deadline_header] = f"{max(left, 0.0):.3f}"
         call.shortened = False
-        if limit is None:
-            if read_limit is None:
-                if request.extensions.get("timeout") is not call.timeouts:  # undo an earlier cut
-                    request.extensions = {**request.extensions, "timeout": call.timeouts}
-                return
-            # The common hedged case, kept short: only the read timeout is cut.
-            own = call.timeouts
-            read = own.get("read") if own else None
-            if read is None or read_limit < read:
-                call.full_read = read
-                call.shortened = True
-                cut = dict(own) if own else {}
-                cut["read"] = read_limit
-                request.extensions = {**request.extensions, "timeout": cut}
-            return
+        assert limit is not None  # without one, _start_attempt sets the timeouts itself
         base = call.timeouts or {}
         timeouts: dict[str, float | None] = {}
         for key in ("connect", "read", "write", "pool"):
             value = base.get(key)
-            if limit is not None:
-                value = max(limit, 0.001) if value is None else min(value, max(limit, 0.001))
-            timeouts[key] = value
+            timeouts[key] = max(limit, 0.001) if value is None else min(value, max(limit, 0.001))
         if read_limit is not None:
             read = timeouts["read"]
             if read is None or read_limit < read:
@@ -967,10 +971,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _finish(
         self, request: httpx.Request, call: _Call, response: httpx.Response
     ) -> httpx.Response:
-        response.extensions = {
-            **response.extensions,
-            "resilient": {"attempts": call.attempt, "stale": False},
-        }
+        # httpx gives every response its own extensions dict: set the key in place.
+        response.extensions["resilient"] = {"attempts": call.attempt, "stale": False}
         if isinstance(self.fallback, StaleIfError) and response.status_code == 200:
             return self.fallback.wrap(request, response)
         return response
@@ -1060,7 +1062,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 replica = self._least_tried(call, skipped)
                 gen = REJECTED
                 break
-        call.tried.append(replica)
+        call.tried = (*call.tried, replica)
         self._route(request, call.logical, replica, service)
         return replica, gen
 
@@ -1139,7 +1141,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 request.extensions = {**request.extensions, "timeout": own}
         else:
             self._prepare(request, call, read_limit)
-        self._instruments.attempts.add(1, attributes)
+        if self._meter_given or _metrics_internal._METER_PROVIDER is not None:
+            self._instruments.attempts.add(1, attributes)
         span: trace.Span | None = None
         if self._tracer_given or (
             trace._TRACER_PROVIDER is not None if _PROVIDER_KNOWN else _tracing_installed()
@@ -1216,7 +1219,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if inner is not None:
                 return inner
             if self._inner is None:
-                inner = httpx.HTTPTransport()
+                inner = httpx.HTTPTransport(verify=self._ssl or True)
             elif isinstance(self._inner, httpx.BaseTransport):
                 inner = self._inner
             else:
@@ -1559,7 +1562,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if inner is not None:
                 return inner
             if self._inner is None:
-                inner = httpx.AsyncHTTPTransport()
+                inner = httpx.AsyncHTTPTransport(verify=self._ssl or True)
             elif isinstance(self._inner, httpx.AsyncBaseTransport):
                 inner = self._inner
             else:

@@ -11,7 +11,7 @@ redis-py (the ``redis`` extra) is imported only when a `RedisStore` is built.
 
 from __future__ import annotations
 
-from resilient.stores._events import StoreRecovered, StoreUnavailable
+from resilient.events import StoreRecovered, StoreUnavailable
 from resilient.stores._redis import RedisStore
 
 __all__ = ["RedisStore", "StoreRecovered", "StoreUnavailable"]

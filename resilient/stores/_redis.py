@@ -21,10 +21,9 @@ import anyio.to_thread
 import sniffio
 
 from resilient._clock import Clock
-from resilient.events import Hook, emit
+from resilient.events import Hook, StoreRecovered, StoreUnavailable, emit
 from resilient.policies._common import check_count, check_positive, resolve_clock
 from resilient.stores import _scripts
-from resilient.stores._events import StoreRecovered, StoreUnavailable
 
 if TYPE_CHECKING:
     from resilient.policies.breaker import CircuitBreaker

@@ -539,8 +539,8 @@ def test_the_first_request_does_not_charge_the_transports_start_up_to_its_replic
     clock = FakeClock(100.0)
 
     class SlowToBuild(httpx.MockTransport):
-        def __init__(self) -> None:
-            clock.advance(0.030)  # what building an httpx.HTTPTransport costs
+        def __init__(self, **options: Any) -> None:
+            clock.advance(0.030)  # what building an httpx.HTTPTransport can cost
             super().__init__(lambda request: httpx.Response(200))
 
     monkeypatch.setattr(httpx, "HTTPTransport", SlowToBuild)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -1096,6 +1099,49 @@ def test_attempt_and_retry_counters(fleet: Fleet) -> None:
         provider.shutdown()
     assert sums["resilient.http.attempts"] == 4
     assert sums["resilient.http.retries"] == 2
+
+
+def test_default_inner_transports_share_one_tls_context_made_before_any_request() -> None:
+    # Loading the CA bundle takes ~20-30 ms: not on a first request, and once per process.
+    first, second = rs.ResilientTransport(), rs.ResilientTransport()
+    assert first._ssl is not None and first._ssl is second._ssl
+    assert first._sync_transport()._pool._ssl_context is first._ssl  # type: ignore[attr-defined]
+    assert second._async_transport()._pool._ssl_context is first._ssl  # type: ignore[attr-defined]
+    assert rs.ResilientTransport(httpx.HTTPTransport())._ssl is None  # the user's own: untouched
+
+
+def test_a_meter_provider_installed_later_is_counted() -> None:
+    # With no provider, attempts are not counted (the API's proxy counter would do nothing);
+    # one installed globally afterwards is seen at once. A process of its own: the global
+    # provider can be set only once.
+    script = textwrap.dedent(
+        """
+        import httpx
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        import resilient as rs
+
+        mock = httpx.MockTransport(lambda request: httpx.Response(200))
+        client = httpx.Client(transport=rs.ResilientTransport(mock))
+        client.get("http://example.invalid/before")
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        client.get("http://example.invalid/a")
+        client.get("http://example.invalid/b")
+        total = 0
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "resilient.http.attempts":
+                        total += sum(point.value for point in metric.data.data_points)
+        print(total)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "2"
 
 
 # --- configuration errors at use --------------------------------------------------------------
