@@ -98,7 +98,12 @@ else:  # pragma: no cover - Python 3.10 has no cancellation counts
 @functools.cache
 def _default_ssl_context() -> ssl.SSLContext:
     """httpx's default TLS context (certifi's CA bundle, SSL_CERT_FILE/DIR honoured), made once
-    per process and shared by the default inner transports (an SSLContext is thread-safe)."""
+    per process and shared by the default inner transports (an SSLContext is thread-safe).
+
+    Also imports httpcore, which httpx imports only when its first transport is built: with trio
+    installed that takes ~100 ms, which the first requests would otherwise wait for."""
+    import httpcore  # noqa: F401
+
     return httpx.create_ssl_context()
 
 
@@ -624,7 +629,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._inner = transport
         # The default inner transport is built at the first request (only then is it known to be
         # sync or async), but its TLS context, the slow part (~20-30 ms loading the CA bundle), is
-        # ready now, as with httpx.Client(): otherwise the first requests would wait for it.
+        # ready now (with the imports it needs), as with httpx.Client(): otherwise the first
+        # requests would wait for them.
         self._ssl: ssl.SSLContext | None = _default_ssl_context() if transport is None else None
         self._sync_inner: httpx.BaseTransport | None = None
         self._async_inner: httpx.AsyncBaseTransport | None = None
