@@ -21,6 +21,7 @@ import re
 import ssl
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,6 +60,17 @@ from resilient.policies.timeout import loop_timer
 __all__ = ["Hedging", "ResilientTransport"]
 
 _get_running_loop = asyncio.events._get_running_loop  # None outside asyncio (e.g. under trio)
+
+
+def _yield_gil() -> None:
+    """A sync request refused without any I/O gives other threads the GIL once, as a request
+    that did I/O would. Threads failing fast in a loop otherwise hold it for whole switch
+    intervals (5 ms), and the other threads' requests wait behind them: in the bench's outage
+    scenario (8 threads, every request refused by the service breaker) p99 went from 10-30 ms
+    to 3-5 ms, p50 from 0.1 to 1 ms (the fair share). ``time.sleep(0)`` rather than
+    ``os.sched_yield()``, which measured worse: it gives up the CPU but rarely the GIL."""
+    time.sleep(0)
+
 
 _DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
 
@@ -1455,6 +1467,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return self._loop(request, call)
         gen = guard._acquire()
         if gen == REJECTED:
+            _yield_gil()
             return self._shed(request, call, guard)
         try:
             response = self._loop(request, call)
@@ -1497,6 +1510,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 else:
                     response = self._hedged(request, call, delay)
             except CircuitOpenError as exc:
+                if call.attempt == 1:
+                    _yield_gil()  # refused before any I/O
                 self._rejected(request, exc)
                 stale = self._degraded(request, call, exc)
                 if stale is not None:

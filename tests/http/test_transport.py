@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import resilient as rs
 from resilient.http import Classifier
+from resilient.http import _transport as _transport_module
 from resilient.testing import FakeClock, Fleet
 from tests.http.conftest import (
     HookedClock,
@@ -1157,3 +1158,35 @@ def test_sync_inner_transport_refuses_async_clients(fleet: Fleet) -> None:
     with pytest.raises(TypeError, match="sync"):
         anyio.run(use)
     assert fleet[0].counts().total == 0
+
+
+def test_a_sync_request_refused_without_io_yields_the_gil_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread failing fast in a loop would otherwise hold the GIL for whole switch intervals.
+    yields: list[int] = []
+    monkeypatch.setattr(_transport_module, "_yield_gil", lambda: yields.append(1))
+    mock = httpx.MockTransport(lambda request: httpx.Response(200))
+    host = rs.CircuitBreaker(name="host", clock=FakeClock())
+    host.open()
+    service = rs.CircuitBreaker(name="service", clock=FakeClock())
+    service.open()
+    transport = rs.ResilientTransport(
+        mock,
+        breaker=host,
+        services={
+            "orders": rs.balancing.Service(
+                discovery=rs.discovery.Static(["http://127.0.0.1:9"]), service_breaker=service
+            )
+        },
+    )
+    with httpx.Client(transport=transport) as client:
+        with pytest.raises(rs.CircuitOpenError, match="host"):
+            client.get("http://a.invalid/")
+        assert yields == [1]
+        with pytest.raises(rs.CircuitOpenError, match="service"):
+            client.get("http://orders/")
+        assert yields == [1, 1]
+        host.reset()
+        assert client.get("http://a.invalid/").status_code == 200
+    assert yields == [1, 1]  # not on a request that did I/O
