@@ -270,7 +270,10 @@ TARGETS: tuple[Target, ...] = (
     Target("a closed Redis-backed call makes <= 1 round trip", "round_trips", 1.0),
     Target("a closed Redis-backed call costs <= 4 PING round trips", "breaker_redis", 4.0, "ping"),
     Target("a refused call makes no round trip: <= 20 µs", "breaker_redis_open", 20.0),
-    Target("a shared deposit costs <= 2 µs on average", "deposit_redis", 2.0),
+    # Deposits are sent in batches (every flush_calls = 100 calls): about 1/100 of a round trip
+    # each, plus the local count. Relative to the round trip, so that a slow moment of the
+    # machine or of Redis does not decide it.
+    Target("a shared deposit costs <= 1/50 of a PING round trip", "deposit_redis", 0.02, "ping"),
 )
 
 
