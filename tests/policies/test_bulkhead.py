@@ -5,7 +5,6 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -30,26 +29,9 @@ from resilient._deadline import deadline_scope
 from resilient.events import CallRejected, Event
 from resilient.policies.limits import AIMDLimit
 from resilient.testing import FakeClock
+from tests.policies._waits import until, wait_until
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll from a thread until ``predicate()`` holds (bounded)."""
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > give_up:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.001)
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the event loop until ``predicate()`` holds (bounded)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition not reached")
 
 
 def assert_idle(bh: rs.Bulkhead) -> None:
