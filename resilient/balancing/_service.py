@@ -145,6 +145,7 @@ class ServiceRuntime:
         clock: Clock,
         hooks: Sequence[Hook],
         default_breaker: Callable[[str, Clock, Sequence[Hook]], CircuitBreaker],
+        learn: Callable[[LatencyWindow], float | None] | None = None,
     ) -> None:
         self.name = name
         self.service = service
@@ -159,7 +160,7 @@ class ServiceRuntime:
         self.down = 0
         self._tier_of: dict[str, int] = {}
         self._tier_down: list[int] = []
-        self.latency = LatencyWindow()
+        self.latency = LatencyWindow(learn=learn)  # what the transport learns its hedge delay from
         self._by_url: dict[str, Replica] = {}
         spec = service.service_breaker
         self.breaker: CircuitBreaker | None = (

@@ -655,13 +655,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         )
         self.bulkhead = bulkhead
         self.hedge: Hedging | None = Hedging() if hedge is _DEFAULT else hedge
-        # Latency windows keep the hedge delay they call for up to date (every 32 samples).
+        # Latency windows keep the hedge delay they call for up to date (every 128 samples).
         self._learn = (
             self.hedge.learned_delay
             if self.hedge is not None and self.hedge._quantile is not None
             else None
         )
-        self._latencies: dict[str, LatencyWindow] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_busy = 0
         self._pool_lock = threading.Lock()
@@ -718,15 +717,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 f"got {spec!r}"
             )
         service.discovery.start()
-        runtime = ServiceRuntime(
+        return ServiceRuntime(
             name,
             service,
             clock=self._clock,
             hooks=self.hooks,
             default_breaker=default_replica_breaker,
+            learn=self._learn,
         )
-        runtime.latency = LatencyWindow(learn=self._learn)
-        return runtime
 
     def statistics(self) -> dict[str, list[ReplicaStatistics]]:
         """Per logical service, each replica's state, in-flight requests, latency and outcomes.
