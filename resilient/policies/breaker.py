@@ -599,6 +599,11 @@ class CircuitBreaker(Policy):
         shared = self._shared
         assert shared is not None
         now = self._clock.monotonic()
+        if reply.generation < shared.generation and now - shared.synced_at < shared.store.key_ttl:
+            # A late reply, overtaken by a newer one (threads race from the round trip to the
+            # lock; asyncio uses other connections). The shared generation only goes back when
+            # the key expired, which takes key_ttl seconds without an update.
+            return None
         shared.synced_at = now
         if reply.generation != shared.generation:
             shared.generation = reply.generation

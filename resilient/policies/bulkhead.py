@@ -384,11 +384,24 @@ class Bulkhead(Policy):
         elif exc is None:
             self._give_back(True, duration)
         elif isinstance(exc, Exception):
-            self._give_back(limit.is_drop(exc), duration)
+            self._give_back_after(exc, duration)
         else:
             self._give_back(None, None)
 
     # -- the adaptive limit ------------------------------------------------------------------------
+
+    def _give_back_after(self, exc: Exception, duration: float | None) -> None:
+        """Adaptive release after a call raised ``exc``: a drop if the limit's ``on`` says so. If
+        that predicate itself raises, the permit still comes back (no sample) before its error
+        propagates."""
+        limit = self._limit
+        assert limit is not None
+        try:
+            dropped = limit.is_drop(exc)
+        except BaseException:
+            self._give_back(None, None)
+            raise
+        self._give_back(dropped, duration)
 
     def _give_back(self, dropped: bool | None, duration: float | None) -> None:
         """Adaptive release: sample the limit (unless ``dropped`` is None), then return the permit."""
@@ -689,7 +702,7 @@ class Bulkhead(Policy):
             result = thunk()
         except Exception as exc:
             took = clock.monotonic() - started if clock is not None else None
-            self._give_back(limit.is_drop(exc), took)
+            self._give_back_after(exc, took)
             raise
         except BaseException:
             self._give_back(None, None)  # cancelled: no sample
@@ -714,7 +727,7 @@ class Bulkhead(Policy):
             result = await thunk()
         except Exception as exc:
             took = clock.monotonic() - started if clock is not None else None
-            self._give_back(limit.is_drop(exc), took)
+            self._give_back_after(exc, took)
             raise
         except BaseException:
             self._give_back(None, None)  # cancelled: no sample

@@ -387,15 +387,19 @@ class RedisStore:
 
 
 def _redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for an error message about the URL)."""
+    """``url`` with any password replaced by ``***`` (for an error message about the URL).
+
+    The query string goes too: redis-py also takes ``?password=...``."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<not a URL>"
+    rest, query, _ = rest.partition("?")
+    tail = "?..." if query else ""
     auth, at, host = rest.rpartition("@")
     if not at:
-        return url
+        return f"{scheme}://{rest}{tail}"
     user, colon, _ = auth.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}{tail}"
 
 
 def _describe(url: str, conn: dict[str, Any], tls: bool) -> tuple[str, str]:

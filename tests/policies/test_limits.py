@@ -519,3 +519,23 @@ def test_rejection_message_names_the_current_limit() -> None:
     bh.on_failure(0.1)  # limit 1, 1 in flight
     with pytest.raises(rs.BulkheadFullError, match=r"max_concurrent=1\b"):
         bh.call(lambda: None)
+
+
+def test_a_failing_on_predicate_still_returns_the_permit() -> None:
+    def broken(exc: BaseException) -> bool:
+        raise RuntimeError("bug in the predicate")
+
+    bh = rs.Bulkhead(max_concurrent=rs.AIMDLimit(initial=2, on=broken))
+
+    @bh
+    def fails() -> None:
+        raise ValueError("the call failed")
+
+    with pytest.raises(RuntimeError, match="bug in the predicate"):
+        fails()
+    assert bh.statistics().in_use == 0  # the permit came back before the error left
+    assert bh.statistics().max_concurrent == 2  # and it was no sample
+    bh.acquire()
+    with pytest.raises(RuntimeError, match="bug in the predicate"):
+        bh.on_failure(0.1, ValueError("x"))
+    assert bh.statistics().in_use == 0

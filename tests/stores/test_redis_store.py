@@ -17,8 +17,9 @@ import pytest
 import redis
 
 import resilient as rs
-from resilient.events import CircuitStateChanged, Event
-from resilient.stores import RedisStore, StoreRecovered, StoreUnavailable
+from resilient.events import CircuitStateChanged, Event, StoreRecovered, StoreUnavailable
+from resilient.stores import RedisStore
+from resilient.stores._redis import BreakerReply
 from resilient.testing import FakeClock
 from tests.stores.conftest import RedisServer
 
@@ -73,6 +74,10 @@ def test_a_bad_url_is_refused_without_showing_the_password() -> None:
         RedisStore(f"http://:{PASSWORD}@cache.internal:6379/0")
     assert PASSWORD not in str(info.value)
     assert "***" in str(info.value)
+    # redis-py also takes the password as a query option; a bad db beside it must not show it.
+    with pytest.raises(ValueError, match="url") as info:
+        RedisStore(f"redis://cache.internal:6379?password={PASSWORD}&db=x")
+    assert PASSWORD not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +162,25 @@ def test_breakers_of_one_name_share_state_and_announce_what_they_see(store: Redi
     two.reset()  # an operator's reset closes it for everyone (seen once the cache is stale)
     one._shared.synced_at = float("-inf")  # type: ignore[union-attr]
     assert one.state == "closed"
+
+
+def test_a_late_reply_does_not_undo_a_newer_one(store: RedisStore) -> None:
+    # Replies can arrive out of order (threads race from the round trip to the lock): an older
+    # generation's state must not overwrite what a newer reply said.
+    seen: list[Event] = []
+    breaker = rs.CircuitBreaker(
+        name="late", min_calls=2, open_for=20.0, store=store, hooks=[seen.append]
+    )
+    for _ in range(2):
+        with pytest.raises(OSError):
+            breaker.call(fail)
+    assert breaker.state == "open"
+    shared = breaker._shared
+    assert shared is not None
+    newest = shared.generation
+    breaker._shared_adopt(BreakerReply(0, newest - 1, 0.0, 0.0, True))  # "closed", older
+    assert breaker.state == "open" and shared.generation == newest
+    assert [e.new for e in seen if isinstance(e, CircuitStateChanged)] == ["open"]
 
 
 def test_a_flushed_script_cache_is_reloaded(store: RedisStore) -> None:
