@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import anyio
+
 from resilient._clock import Clock
 from resilient._errors import CircuitOpenError
 from resilient._policy import Policy
@@ -674,7 +676,10 @@ class CircuitBreaker(Policy):
         gen = self._shared_plan()
         if gen == ASK:
             claim = shared.new_claim()
-            reply = await shared.call_async("acquire", claim)
+            # Shielded (and bounded by the store's socket timeout): a cancellation between
+            # Redis granting the claim and this process recording it would leak the probe.
+            with anyio.CancelScope(shield=True):
+                reply = await shared.call_async("acquire", claim)
             gen = (
                 self._acquire(local=True) if reply is None else self._shared_acquired(reply, claim)
             )
@@ -704,7 +709,8 @@ class CircuitBreaker(Policy):
         assert shared is not None
         duration = self._clock.monotonic() - started
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
-        reply = await shared.call_async("record", self._shared_claim(gen), failed, slow)
+        with anyio.CancelScope(shield=True):  # the claim is already off our books: finish it
+            reply = await shared.call_async("record", self._shared_claim(gen), failed, slow)
         if reply is None:
             if failed:
                 self._failure(gen, duration, exc, local=True)
