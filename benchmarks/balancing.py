@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient import _benchkit as kit
+from resilient._benchkit import TargetResult
 from resilient._clock import system_clock
 from resilient.balancing import (
     Balancer,
@@ -461,14 +462,6 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-@dataclass
-class TargetResult:
-    target: Target
-    value: float | None
-    passed: bool
-    error: str | None = None
-
-
 def _value(row: PickRow | TimeRow | MemoryRow, metric: str) -> float | None:
     if isinstance(row, PickRow):
         if metric == "flat":
@@ -486,7 +479,7 @@ def check_targets(
     membership: Sequence[TimeRow],
     memory: Sequence[MemoryRow],
     targets: Sequence[Target] = TARGETS,
-) -> list[TargetResult]:
+) -> list[TargetResult[Target]]:
     """PASS when the measured value is within the limit; a missing measurement fails."""
     sections: dict[str, Sequence[PickRow | TimeRow | MemoryRow]] = {
         "picks": picks,
@@ -516,7 +509,7 @@ def render(
     picks: Sequence[PickRow],
     membership: Sequence[TimeRow],
     memory: Sequence[MemoryRow],
-    results: Sequence[TargetResult],
+    results: Sequence[TargetResult[Target]],
 ) -> str:
     """The three tables, their footnotes, then the targets."""
     notes: list[str] = []
@@ -569,7 +562,7 @@ def to_json(
     picks: Sequence[PickRow],
     membership: Sequence[TimeRow],
     memory: Sequence[MemoryRow],
-    results: Sequence[TargetResult],
+    results: Sequence[TargetResult[Target]],
     settings: Settings,
     quick: bool,
 ) -> dict[str, Any]:
@@ -605,20 +598,7 @@ def to_json(
             {"key": row.key, "label": row.label.strip(), "bytes": row.bytes, "error": row.error}
             for row in memory
         ],
-        "targets": [
-            {
-                "name": r.target.name,
-                "section": r.target.section,
-                "row": r.target.row,
-                "metric": r.target.metric,
-                "limit": r.target.limit,
-                "unit": r.target.unit,
-                "value": r.value,
-                "pass": r.passed,
-                "error": r.error,
-            }
-            for r in results
-        ],
+        "targets": kit.targets_json(results),
     }
 
 

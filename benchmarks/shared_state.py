@@ -40,6 +40,7 @@ from typing import Any
 
 import resilient as rs
 from resilient import _benchkit as kit
+from resilient._benchkit import TargetResult
 from resilient.stores import RedisStore
 
 __all__ = ["TARGETS", "Row", "Settings", "check_targets", "main", "measure", "render"]
@@ -277,19 +278,13 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-@dataclass
-class TargetResult:
-    target: Target
-    value: float | None
-    passed: bool
-    error: str | None = None
-
-
 def _figure(row: Row) -> float | None:
     return row.us if row.us is not None else row.value
 
 
-def check_targets(rows: Sequence[Row], targets: Sequence[Target] = TARGETS) -> list[TargetResult]:
+def check_targets(
+    rows: Sequence[Row], targets: Sequence[Target] = TARGETS
+) -> list[TargetResult[Target]]:
     """PASS when the measured figure is within the limit; a missing measurement fails."""
     by_key = {row.key: row for row in rows}
     results = []
@@ -311,7 +306,7 @@ def check_targets(rows: Sequence[Row], targets: Sequence[Target] = TARGETS) -> l
 # -- reporting -----------------------------------------------------------------------------------------
 
 
-def render(rows: Sequence[Row], results: Sequence[TargetResult]) -> str:
+def render(rows: Sequence[Row], results: Sequence[TargetResult[Target]]) -> str:
     """The table, its footnotes, then the targets."""
     notes: list[str] = []
     lines = []
@@ -340,7 +335,7 @@ def render(rows: Sequence[Row], results: Sequence[TargetResult]) -> str:
 
 
 def to_json(
-    rows: Sequence[Row], results: Sequence[TargetResult], settings: Settings, quick: bool
+    rows: Sequence[Row], results: Sequence[TargetResult[Target]], settings: Settings, quick: bool
 ) -> dict[str, Any]:
     """Everything measured, as plain data (``--json``)."""
     return {
@@ -361,18 +356,7 @@ def to_json(
             }
             for row in rows
         ],
-        "targets": [
-            {
-                "name": r.target.name,
-                "row": r.target.row,
-                "per": r.target.per,
-                "limit": r.target.limit,
-                "value": r.value,
-                "pass": r.passed,
-                "error": r.error,
-            }
-            for r in results
-        ],
+        "targets": kit.targets_json(results),
     }
 
 

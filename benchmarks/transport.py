@@ -50,6 +50,7 @@ import httpx
 
 import resilient as rs
 from resilient import _benchkit as kit
+from resilient._benchkit import TargetResult
 
 __all__ = [
     "TARGETS",
@@ -474,17 +475,9 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-@dataclass
-class TargetResult:
-    target: Target
-    value: float | None
-    passed: bool
-    error: str | None = None
-
-
 def check_targets(
     cpu: Sequence[CpuRow], throughput: Sequence[RpsRow], targets: Sequence[Target] = TARGETS
-) -> list[TargetResult]:
+) -> list[TargetResult[Target]]:
     """PASS when the measured value is within the limit; a missing measurement fails."""
     rows: dict[tuple[str, str], CpuRow | RpsRow] = {("cpu", r.key): r for r in cpu}
     rows.update({("throughput", r.key): r for r in throughput})
@@ -510,7 +503,7 @@ def check_targets(
 
 
 def render(
-    cpu: Sequence[CpuRow], throughput: Sequence[RpsRow], results: Sequence[TargetResult]
+    cpu: Sequence[CpuRow], throughput: Sequence[RpsRow], results: Sequence[TargetResult[Target]]
 ) -> str:
     """Both tables, their footnotes, then the targets."""
     notes: list[str] = []
@@ -611,7 +604,7 @@ _DISTRIBUTIONS = ("resilient", "httpx", "httpcore", "opentelemetry-api", "anyio"
 def to_json(
     cpu: Sequence[CpuRow],
     throughput: Sequence[RpsRow],
-    results: Sequence[TargetResult],
+    results: Sequence[TargetResult[Target]],
     settings: Settings,
     quick: bool,
 ) -> dict[str, Any]:
@@ -653,19 +646,7 @@ def to_json(
                 for row in throughput
             ],
         },
-        "targets": [
-            {
-                "name": r.target.name,
-                "section": r.target.section,
-                "row": r.target.row,
-                "metric": r.target.metric,
-                "limit": r.target.limit,
-                "value": r.value,
-                "pass": r.passed,
-                "error": r.error,
-            }
-            for r in results
-        ],
+        "targets": kit.targets_json(results),
     }
 
 

@@ -15,15 +15,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import platform
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = [
     "Judged",
+    "TargetResult",
     "argument_parser",
     "banner",
     "calibrated",
@@ -35,6 +37,7 @@ __all__ = [
     "installed_versions",
     "progress_printer",
     "table",
+    "targets_json",
     "verdict_line",
     "write_json",
 ]
@@ -172,6 +175,37 @@ class Judged(Protocol):
 
     @property
     def passed(self) -> bool: ...
+
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class TargetResult(Generic[T]):
+    """One target (a benchmark's own frozen dataclass) and what was measured for it.
+
+    Example::
+
+        TargetResult(target, 7.2, passed=7.2 <= target.limit)
+    """
+
+    target: T
+    value: float | None
+    passed: bool
+    error: str | None = None
+
+
+def targets_json(results: Iterable[TargetResult[Any]]) -> list[dict[str, Any]]:
+    """The targets for ``--json``: each target's fields, then value, pass and error.
+
+    Example::
+
+        data["targets"] = targets_json(check_targets(rows))
+    """
+    return [
+        {**dataclasses.asdict(r.target), "value": r.value, "pass": r.passed, "error": r.error}
+        for r in results
+    ]
 
 
 def exit_status(check: bool, results: Iterable[Judged]) -> int:
