@@ -22,6 +22,7 @@ import ssl
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -382,7 +383,7 @@ class Hedging:
 class _Host:
     """What the transport keeps per host: its breaker, its latencies, its telemetry attributes."""
 
-    __slots__ = ("attributes", "breaker", "latency", "name")
+    __slots__ = ("attributes", "breaker", "latency", "name", "watch", "watches")
 
     def __init__(
         self,
@@ -394,6 +395,18 @@ class _Host:
         self.breaker = breaker
         self.latency = LatencyWindow(learn=learn)
         self.attributes: dict[str, str | int] = {"server.address": name.rpartition(":")[0]}
+        self.watch: _HedgeWatch | None = None  # the one of the loop seen last
+        self.watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HedgeWatch] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def watch_on(self, loop: asyncio.AbstractEventLoop) -> _HedgeWatch:
+        """This host's hedge watch on ``loop``."""
+        watch = self.watches.get(loop)
+        if watch is None:
+            watch = self.watches[loop] = _HedgeWatch(loop)
+        self.watch = watch
+        return watch
 
 
 def _clone(request: httpx.Request) -> httpx.Request:
@@ -419,10 +432,12 @@ class _AsyncioRace:
 
     __slots__ = (
         "call",
+        "cancelling",
         "changed",
         "delay",
         "done",
         "hedges",
+        "host",
         "loop",
         "primary",
         "request",
@@ -437,15 +452,23 @@ class _AsyncioRace:
         self,
         transport: ResilientTransport,
         request: httpx.Request,
-        call: _Call,
+        call: _Call | None,
         delay: float,
         loop: asyncio.AbstractEventLoop,
+        host: _Host | None = None,
+        task: asyncio.Task[Any] | None = None,
+        cancelling: int | None = None,
     ) -> None:
-        task = asyncio.current_task(loop)
-        assert task is not None
+        """A race for the caller's task; with ``task``, one that a `_HedgeWatch` starts late,
+        when its first hedge is due (``cancelling``: the task's count when it asked)."""
+        scheduled = task is None
+        if task is None:
+            task = asyncio.current_task(loop)
+            assert task is not None
         self.transport = transport
         self.request = request
-        self.call = call
+        self.call = call  # None: made by `ResilientTransport._resumed` when a hedge needs it
+        self.host = host  # (for that)
         self.delay = delay
         self.loop = loop
         self.task = task
@@ -453,9 +476,24 @@ class _AsyncioRace:
         self.winner: httpx.Response | None = None
         self.primary = True
         self.done = False
-        self.timers = loop_timer(loop)
-        self.timer: list[Any] | None = None  # our entry in the loop's shared timer
+        self.timers = timers = loop_timer(loop)
+        # Our entry in the loop's shared timer: the next hedge is due after ``delay``.
+        self.timer: list[Any] | None = (
+            timers.add(self._launch, loop.time() + delay) if scheduled else None
+        )
+        self.cancelling = _cancelling(task) if cancelling is None else cancelling
         self.changed: asyncio.Event | None = None  # made when the caller waits for hedges
+
+    def call_state(self) -> _Call:
+        """The request's `_Call`, made now if the short path left it for later."""
+        call = self.call
+        if call is None:
+            host = self.host
+            assert host is not None
+            call = self.call = self.transport._resumed(
+                host, True, self.request.extensions.get("timeout"), self.delay, None, False
+            )
+        return call
 
     def _launch(self) -> None:
         self.timer = None
@@ -467,7 +505,9 @@ class _AsyncioRace:
         transport = self.transport
         if not transport._may_hedge(self.request, number, self.delay * number):
             return
-        hedge = self.loop.create_task(transport._attempt_async(_clone(self.request), self.call))
+        hedge = self.loop.create_task(
+            transport._attempt_async(_clone(self.request), self.call_state())
+        )
         hedge.add_done_callback(self._finished)
         self.hedges.append(hedge)
         assert transport.hedge is not None
@@ -518,46 +558,123 @@ class _AsyncioRace:
             await changed.wait()
         return self.winner is not None
 
-    async def run(self) -> httpx.Response:
-        task = self.task
-        transport = self.transport
-        timers = self.timers
-        self.timer = timers.add(self._launch, self.loop.time() + self.delay)
-        cancelling = _cancelling(task)
-        try:
-            response = await transport._attempt_async(self.request, self.call)
-        except asyncio.CancelledError:
-            self.primary = False
-            try:
-                if self.winner is not None and _uncancel(task) <= cancelling:
-                    return self._take_winner()
-                raise
-            finally:
-                self._stop()
-        except Exception:
-            self.primary = False
-            try:
-                if await self._wait_for_hedges():
-                    return self._take_winner()
-                raise
-            finally:
-                self._stop()
+    def quiet(self) -> bool:
+        """After the caller's attempt answered: True, the race over, if no hedge went out (the
+        common case, kept short)."""
         self.primary = False
-        if not self.hedges and self.winner is None:
-            # The common case, kept short: answered before any hedge went out.
-            self.done = True
-            if self.timer is not None:
-                timers.finish(self.timer)
-                self.timer = None
-            if response.status_code not in transport.classifier.retry_statuses:
-                return response
+        if self.hedges or self.winner is not None:
+            return False
+        self.done = True
+        if self.timer is not None:
+            self.timers.finish(self.timer)
+            self.timer = None
+        return True
+
+    async def run(self) -> httpx.Response:
+        call = self.call
+        assert call is not None
+        transport = self.transport
         try:
-            if not transport._good(response) and await self._wait_for_hedges():
-                await response.aclose()  # a retryable answer, and a hedge did better
-                return self._take_winner()
+            response = await transport._attempt_async(self.request, call)
+        except BaseException as exc:
+            return await self.settle(exc)
+        if self.quiet() and response.status_code not in transport.classifier.retry_statuses:
             return response
+        return await self.settle(response)
+
+    async def settle(self, outcome: httpx.Response | BaseException) -> httpx.Response:
+        """The caller's attempt is over with ``outcome``: take a hedge's answer if it won (or,
+        ``outcome`` being no good answer, once one does), else ``outcome``; then end the race."""
+        self.primary = False
+        try:
+            if isinstance(outcome, httpx.Response):
+                if not self.transport._good(outcome) and await self._wait_for_hedges():
+                    await outcome.aclose()  # a retryable answer, and a hedge did better
+                    return self._take_winner()
+                return outcome
+            if isinstance(outcome, asyncio.CancelledError):
+                if self.winner is not None and _uncancel(self.task) <= self.cancelling:
+                    return self._take_winner()  # a hedge won and cancelled the caller's attempt
+            elif isinstance(outcome, Exception) and await self._wait_for_hedges():
+                return self._take_winner()
+            raise outcome
         finally:
             self._stop()
+
+
+class _HedgeWatch:
+    """The hedge deadlines of the short path's asyncio requests to one host on one loop.
+
+    A request that may be hedged puts its task here and takes it back when its attempt is over;
+    one timer handle wakes the watch at the earliest deadline, and only a request still running
+    then gets a race (`_AsyncioRace`), made at that moment with its first hedge. Most requests
+    answer first and cost a dict insert and pop, where a race of their own would cost an object
+    and a timer entry each (~4 µs of a client's request). Entries come in deadline order (one
+    host, one delay) unless the learned delay shrank; then the watch scans them all.
+    """
+
+    __slots__ = ("handle", "handle_at", "last_at", "loop", "ordered", "pending", "raced")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: task -> (deadline, transport, request, host, delay, the task's cancellation count)
+        self.pending: dict[
+            asyncio.Task[Any], tuple[float, ResilientTransport, httpx.Request, _Host, float, int]
+        ] = {}
+        self.raced: dict[asyncio.Task[Any], _AsyncioRace] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.handle_at = 0.0
+        self.last_at = 0.0
+        self.ordered = True
+
+    def add(
+        self, transport: ResilientTransport, request: httpx.Request, host: _Host, delay: float
+    ) -> asyncio.Task[Any]:
+        """Watch the caller's task: its first hedge is due in ``delay`` seconds."""
+        loop = self.loop
+        task = asyncio.current_task(loop)
+        assert task is not None
+        at = loop.time() + delay
+        self.pending[task] = (at, transport, request, host, delay, _cancelling(task))
+        if at < self.last_at:
+            self.ordered = False
+        self.last_at = at
+        if self.handle is None or at < self.handle_at:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.handle = loop.call_at(at, self._sweep)
+            self.handle_at = at
+        return task
+
+    def take(self, task: asyncio.Task[Any]) -> _AsyncioRace | None:
+        """The caller's attempt is over: the race the watch started for it, if it did."""
+        if self.pending.pop(task, None) is not None:
+            return None
+        return self.raced.pop(task)
+
+    def _sweep(self) -> None:
+        self.handle = None
+        pending = self.pending
+        now = self.loop.time()
+        due: list[asyncio.Task[Any]] = []
+        later = float("inf")
+        for task, entry in pending.items():
+            if entry[0] <= now:
+                due.append(task)
+            else:
+                later = min(later, entry[0])
+                if self.ordered:
+                    break
+        if len(due) == len(pending):
+            self.ordered = True  # empty from here: in order again
+        if later != float("inf"):
+            self.handle = self.loop.call_at(later, self._sweep)
+            self.handle_at = later
+        for task in due:
+            _, transport, request, host, delay, cancelling = pending.pop(task)
+            race = _AsyncioRace(transport, request, None, delay, self.loop, host, task, cancelling)
+            self.raced[task] = race
+            race._launch()
 
 
 class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
@@ -685,6 +802,33 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         # starting a no-op span costs ~1.5 µs a request for nothing.
         self._tracer_given = tracer_provider is not None
         self._meter_given = meter_provider is not None or not _METER_KNOWN
+        # The short path for the common request (see `handle_request`) leaves these out: it is taken
+        # when none of them is configured. (The configuration is read once, here.)
+        self._direct_ok = (
+            bulkhead is None
+            and not self._services
+            and deadline is None
+            and attempt_timeout is None
+            and not self._tracer_given
+            and not self._meter_given
+            and not isinstance(fallback, StaleIfError)
+        )
+        # Statuses below this one are good answers (neither retried nor failures), known without a
+        # call; 0 when the classifier's own is_failure must judge every one.
+        self._good_below = (
+            min(min(self.classifier.retry_statuses, default=600), 429)
+            if type(self.classifier).is_failure is Classifier.is_failure
+            else 0
+        )
+        self._direct_sync_ok = self._direct_ok and not (
+            self.hedge is not None and self.hedge.threads
+        )
+        self._direct_async_ok = self._direct_ok and not (self.hedge is not None and self.hedge.trio)
+        self._fixed_delay: float | None = (
+            float(self.hedge.delay)
+            if self.hedge is not None and not isinstance(self.hedge.delay, str)
+            else None
+        )
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("resilient")
         meter = (meter_provider or metrics.get_meter_provider()).get_meter("resilient")
         self._instruments = _Instruments(
@@ -1184,7 +1328,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica.failures += 1
             replica.observe_failure(duration, started + duration)
         if breaker is not None and gen != REJECTED:
-            if self.classifier.exception_kind(exc) == "not_retryable":
+            if self.classifier.exception_kind(exc) == "not_retryable" or (
+                call.shortened and isinstance(exc, httpx.ReadTimeout)
+            ):
+                # (An attempt the hedge's read cut gave up on failed no more than a race's
+                # loser: if the server is really stuck, the copy's own timeout says so.)
                 breaker._release(gen)
             else:
                 breaker._failure(gen, duration, exc)
@@ -1246,6 +1394,72 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through the pipeline (httpx calls this).
+
+        The short path: the common request (see `_plain_request`) has its first attempt made
+        right here, with only the work of `_begin`, `_start_attempt` and `_attempt_answered` that
+        it needs. Anything but a good answer goes on in `_loop` (through `_resumed`) exactly as
+        if `_begin` had started it; every other request takes the whole path, `_handle`.
+
+        Most requests are this one, and the client's own work around a request evicts ours from
+        the CPU's caches: each call and branch left out here costs more than it seems."""
+        if not self._direct_sync_ok:
+            return self._handle(request)
+        url = request.url
+        host = self._hosts.get((url.raw_host, url.port))
+        inner = self._sync_inner
+        if host is None or inner is None or not self._plain_request(request, host):
+            return self._handle(request)
+        budget = self.budget
+        if budget is not None:
+            budget.deposit()
+        breaker = host.breaker
+        gen = 0 if breaker is None else breaker._rt.generation
+        own = request.extensions.get("timeout")
+        idempotent = self.classifier.is_idempotent(request)
+        delay: float | None = None
+        read: float | None = None
+        cut: dict[str, float | None] | None = None
+        if idempotent and self.hedge is not None:
+            delay = host.latency.learned if self._learn is not None else self._fixed_delay
+            if delay is not None:
+                read = own.get("read") if own else None
+                if read is None or delay < read:  # the read cut of `_hedged`
+                    cut = dict(own) if own else {}
+                    cut["read"] = delay
+                    request.extensions = {**request.extensions, "timeout": cut}
+        clock = self._clock
+        started = clock.monotonic()
+        try:
+            response = inner.handle_request(request)
+        except Exception as exc:
+            call = self._resumed(host, idempotent, own, delay, read, cut is not None)
+            self._attempt_failed((breaker, gen, None, host.latency, None, started), call, exc)
+            return self._loop(request, call, exc)
+        except BaseException:
+            if breaker is not None:
+                breaker._release(gen)
+            raise
+        status = response.status_code
+        classifier = self.classifier
+        if status >= self._good_below and (
+            status in classifier.retry_statuses or classifier.is_failure(status)
+        ):
+            call = self._resumed(host, idempotent, own, delay, read, cut is not None)
+            self._attempt_answered(
+                (breaker, gen, None, host.latency, None, started), call, response
+            )
+            return self._loop(request, call, response)
+        if cut is not None:
+            cut["read"] = read  # as `_restore_read`: the body is read with the request's own
+        if self._learn is not None:
+            host.latency.add(clock.monotonic() - started)
+        if breaker is not None:
+            breaker._fast_success(gen)
+        response.extensions["resilient"] = {"attempts": 1, "stale": False}
+        return response
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
         started = 0.0
         if bulkhead is not None:
@@ -1273,6 +1487,42 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             # work in progress as much as the request was.
             response.stream = self._hold(response, bulkhead, started)
         return response
+
+    def _plain_request(self, request: httpx.Request, host: _Host) -> bool:
+        """May the short path (`handle_request`) serve this request? No per-request options or ambient deadline, a bytes
+        body, no telemetry to record, and a closed breaker (the transport's own configuration
+        was checked once, in ``_direct_ok``)."""
+        breaker = host.breaker
+        return (
+            (breaker is None or (breaker._plain and breaker._rt.state is CLOSED))
+            and not request.extensions.get("resilient")
+            and isinstance(request.stream, httpx.ByteStream)
+            and _DEADLINE.get() is None
+            and _metrics_internal._METER_PROVIDER is None
+            and (trace._TRACER_PROVIDER is None if _PROVIDER_KNOWN else not _tracing_installed())
+        )
+
+    def _resumed(
+        self,
+        host: _Host,
+        idempotent: bool,
+        timeouts: dict[str, float | None] | None,
+        delay: float | None,
+        read: float | None,
+        shortened: bool,
+    ) -> _Call:
+        """The `_Call` of a request the short path began, after its first attempt: the state `_begin`
+        and `_start_attempt` would have left."""
+        call = _Call()
+        call.attempts = self.attempts
+        call.idempotent = idempotent
+        call.host = host
+        call.timeouts = timeouts
+        call.delay = delay
+        call.attempt = call.sent = 1
+        call.shortened = shortened
+        call.full_read = read
+        return call
 
     def _failed(self, bulkhead: Bulkhead, started: float, exc: Exception) -> None:
         """Give the permit back after a request that raised (an httpx timeout is a drop)."""
@@ -1312,17 +1562,43 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return self._race_threads(request, call, delay)
         try:
             response = self._attempt(request, call, read_limit=delay)
-        except httpx.ReadTimeout:
-            if not call.shortened:
-                raise
-            self._censored(request, call, delay)
-            if not self._may_hedge(request, 1, delay):
-                raise
-            # Slower than this service's p95: abandon it and send another copy at once.
-            return self._attempt(request, call)
+        except httpx.ReadTimeout as exc:
+            return self._after_cut(request, call, delay, exc)
         if call.shortened:
             self._restore_read(request, call)
         return response
+
+    def _after_cut(
+        self, request: httpx.Request, call: _Call, delay: float, exc: Exception
+    ) -> httpx.Response:
+        """An attempt whose read timeout was cut to ``delay`` failed with ``exc``. If the cut
+        timed it out, it was slower than its service's p95: abandon it and send another copy at
+        once (a hedge). Otherwise ``exc`` stands."""
+        if not self._hedge_after_cut(request, call, delay, exc):
+            raise exc
+        return self._attempt(request, call)
+
+    def _hedge_after_cut(
+        self, request: httpx.Request, call: _Call, delay: float, exc: Exception
+    ) -> bool:
+        """Did the read cut time this attempt out, and may a copy go out now (a hedge)?"""
+        if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
+            return False
+        self._censored(request, call, delay)
+        return self._may_hedge(request, 1, delay)
+
+    def _settle(
+        self, request: httpx.Request, call: _Call, outcome: httpx.Response | Exception
+    ) -> httpx.Response:
+        """The rest of the first round of a request the short path began, given its first attempt's
+        outcome: what `_hedged` (or a plain `_attempt`) would have made of it."""
+        if isinstance(outcome, Exception):
+            if call.delay is None:
+                raise outcome
+            return self._after_cut(request, call, call.delay, outcome)
+        if call.shortened:
+            self._restore_read(request, call)
+        return outcome
 
     def _censored(self, request: httpx.Request, call: _Call, delay: float) -> None:
         """An abandoned attempt took longer than ``delay``: count it as a slow sample, so the
@@ -1497,16 +1773,27 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         else:
             guard._success(gen, 0.0)
 
-    def _loop(self, request: httpx.Request, call: _Call) -> httpx.Response:
+    def _loop(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        first: httpx.Response | Exception | None = None,
+    ) -> httpx.Response:
+        """Attempts until one answers well or a decision stops them. ``first``: the outcome of
+        the first attempt, when the short path made it."""
         failure: Exception | None = None
         while True:
-            call.attempt += 1
             try:
-                delay = call.delay
-                if delay is None:
-                    response = self._attempt(request, call)
+                if first is not None:
+                    outcome, first = first, None
+                    response = self._settle(request, call, outcome)
                 else:
-                    response = self._hedged(request, call, delay)
+                    call.attempt += 1
+                    delay = call.delay
+                    if delay is None:
+                        response = self._attempt(request, call)
+                    else:
+                        response = self._hedged(request, call, delay)
             except CircuitOpenError as exc:
                 if call.attempt == 1:
                     _yield_gil()  # refused before any I/O
@@ -1592,6 +1879,89 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through the pipeline (httpx calls this): `handle_request`'s short
+        path, for async requests, else `_handle_async`. On asyncio a hedged request is watched
+        (`_HedgeWatch`) and races (`_AsyncioRace`) only if it is still running when its hedge
+        is due; its `_Call` is made only then or if its attempt does not answer well."""
+        if not self._direct_async_ok:
+            return await self._handle_async(request)
+        url = request.url
+        host = self._hosts.get((url.raw_host, url.port))
+        inner = self._async_inner
+        if host is None or inner is None or not self._plain_request(request, host):
+            return await self._handle_async(request)
+        budget = self.budget
+        if budget is not None:
+            budget.deposit()
+        breaker = host.breaker
+        gen = 0 if breaker is None else breaker._rt.generation
+        own = request.extensions.get("timeout")
+        idempotent = self.classifier.is_idempotent(request)
+        delay: float | None = None
+        read: float | None = None
+        cut: dict[str, float | None] | None = None
+        watch: _HedgeWatch | None = None
+        task: asyncio.Task[Any] | None = None
+        if idempotent and self.hedge is not None:
+            delay = host.latency.learned if self._learn is not None else self._fixed_delay
+            if delay is not None:
+                loop = _get_running_loop()
+                if loop is not None:
+                    watch = host.watch
+                    if watch is None or watch.loop is not loop:
+                        watch = host.watch_on(loop)
+                    task = watch.add(self, request, host, delay)
+                else:  # trio: the read cut, as sync
+                    read = own.get("read") if own else None
+                    if read is None or delay < read:
+                        cut = dict(own) if own else {}
+                        cut["read"] = delay
+                        request.extensions = {**request.extensions, "timeout": cut}
+        clock = self._clock
+        started = clock.monotonic()
+        try:
+            response = await inner.handle_async_request(request)
+        except BaseException as exc:
+            race = watch.take(task) if task is not None and watch is not None else None
+            attempt = (breaker, gen, None, host.latency, None, started)
+            call = race.call_state() if race is not None else None
+            if not isinstance(exc, Exception):
+                self._attempt_cancelled(attempt)
+                if race is None:
+                    raise
+                assert call is not None
+                return await self._loop_async(request, call, exc, race)
+            if call is None:
+                call = self._resumed(host, idempotent, own, delay, read, cut is not None)
+            self._attempt_failed(attempt, call, exc)
+            return await self._loop_async(request, call, exc, race)
+        race = watch.take(task) if task is not None and watch is not None else None
+        status = response.status_code
+        classifier = self.classifier
+        if (race is not None and not race.quiet()) or (
+            status >= self._good_below
+            and (status in classifier.retry_statuses or classifier.is_failure(status))
+        ):
+            if race is not None:
+                call = race.call_state()
+                if race.done:
+                    race = None  # no hedge went out: nothing left of the race
+            else:
+                call = self._resumed(host, idempotent, own, delay, read, cut is not None)
+            self._attempt_answered(
+                (breaker, gen, None, host.latency, None, started), call, response
+            )
+            return await self._loop_async(request, call, response, race)
+        if cut is not None:
+            cut["read"] = read  # as `_restore_read`
+        if self._learn is not None:
+            host.latency.add(clock.monotonic() - started)
+        if breaker is not None:
+            breaker._fast_success(gen)
+        response.extensions["resilient"] = {"attempts": 1, "stale": False}
+        return response
+
+    async def _handle_async(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
         started = 0.0
         if bulkhead is not None:
@@ -1645,16 +2015,35 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return await self._race_anyio(request, call, delay)
         try:
             response = await self._attempt_async(request, call, read_limit=delay)
-        except httpx.ReadTimeout:
-            if not call.shortened:
-                raise
-            self._censored(request, call, delay)
-            if not self._may_hedge(request, 1, delay):
+        except httpx.ReadTimeout as exc:
+            if not self._hedge_after_cut(request, call, delay, exc):
                 raise
             return await self._attempt_async(request, call)
         if call.shortened:
             self._restore_read(request, call)
         return response
+
+    async def _settle_async(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        outcome: httpx.Response | BaseException,
+        race: _AsyncioRace | None,
+    ) -> httpx.Response:
+        """`_settle` for async requests; with ``race``, its hedges may still answer."""
+        if race is not None:
+            return await race.settle(outcome)
+        if isinstance(outcome, httpx.Response):
+            if call.shortened:
+                self._restore_read(request, call)
+            return outcome
+        if (
+            call.delay is not None
+            and isinstance(outcome, Exception)
+            and self._hedge_after_cut(request, call, call.delay, outcome)
+        ):
+            return await self._attempt_async(request, call)
+        raise outcome
 
     async def _race_anyio(
         self, request: httpx.Request, call: _Call, delay: float
@@ -1729,18 +2118,29 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._judge(guard, gen, response)
         return response
 
-    async def _loop_async(self, request: httpx.Request, call: _Call) -> httpx.Response:
+    async def _loop_async(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        first: httpx.Response | BaseException | None = None,
+        race: _AsyncioRace | None = None,
+    ) -> httpx.Response:
+        """`_loop` for async requests; ``race``: the first attempt's, when it is not over."""
         failure: Exception | None = None
         while True:
-            call.attempt += 1
             try:
-                delay = call.delay
-                if delay is None:
-                    response = await self._attempt_async(request, call)
-                elif (loop := _get_running_loop()) is not None:
-                    response = await _AsyncioRace(self, request, call, delay, loop).run()
+                if first is not None:
+                    outcome, first = first, None
+                    response = await self._settle_async(request, call, outcome, race)
                 else:
-                    response = await self._hedged_async(request, call, delay)
+                    call.attempt += 1
+                    delay = call.delay
+                    if delay is None:
+                        response = await self._attempt_async(request, call)
+                    elif (loop := _get_running_loop()) is not None:
+                        response = await _AsyncioRace(self, request, call, delay, loop).run()
+                    else:
+                        response = await self._hedged_async(request, call, delay)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
                 stale = self._degraded(request, call, exc)

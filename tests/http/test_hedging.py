@@ -652,6 +652,92 @@ async def test_without_threads_or_trio_a_slow_first_attempt_is_abandoned_not_rac
         assert elapsed >= 0.35
 
 
+# --- the short path: a host already seen ---------------------------------------------------------
+# Once a host is known, its requests start on the transport's short path; on asyncio their races
+# are started late, by the host's hedge watch, and only for requests still running when due.
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_on_a_known_host_a_slow_first_attempt_is_raced_or_abandoned(
+    fleet: Fleet, mode: Mode
+) -> None:
+    events = Events()
+    inner = Scripted(lambda n: {1: Fault(delay=0.15), 2: Fault(delay=0.3)}.get(n))
+    transport = make(inner, Hedging(delay=0.05), events)
+    async with Harness(mode, transport) as h:
+        assert attempt_of(await h.get(fleet.urls[0] + "/items")) == 0
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert outcome_info(response) == {"attempts": 1, "stale": False}
+    assert events.hedges == [HedgeLaunched("http", 1, 0.05)]
+    assert fleet[0].counts().total == 3
+    assert response.request.extensions["timeout"]["read"] == 5.0  # the cut is undone
+    breaker = transport.breaker_for(httpx.URL(fleet.urls[0]))
+    assert breaker is not None
+    # Neither a race's loser nor an attempt given up by the read cut is a failure.
+    assert breaker.metrics()["failures"] == 0
+    if mode == "asyncio":
+        assert attempt_of(response) == 1  # the slow primary still won the race
+        assert 0.15 <= elapsed < 0.3
+    else:
+        assert attempt_of(response) == 2  # the primary was given up at 0.05 s
+        assert elapsed >= 0.35
+
+
+@pytest.mark.anyio
+async def test_on_a_known_host_the_callers_cancellation_cancels_every_attempt(
+    fleet: Fleet, anyio_backend: str
+) -> None:
+    breaker = rs.CircuitBreaker(name="hedged", consecutive_failures=1, clock=FakeClock())
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=2.0) if n > 0 else None)
+    transport = make(inner, Hedging(delay=0.05), events, breaker=breaker)
+    async with Harness(anyio_backend, transport) as h:
+        await h.get(fleet.urls[0] + "/items")
+        with anyio.move_on_after(0.3) as scope:
+            await h.get(fleet.urls[0] + "/items")
+        assert scope.cancelled_caught
+        if anyio_backend == "asyncio":
+            await wait_until_async(lambda: not hedge_tasks(), timeout=0.5)
+    assert len(events.hedges) == 1  # asyncio raced a copy; trio gave the first up for one
+    assert fleet[0].counts().total == 3
+    assert breaker.state == "closed"
+    assert breaker.metrics()["calls"] == 1  # the cancelled attempts count as nothing
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_the_hedge_watch_keeps_time_when_the_delay_shrinks(fleet: Fleet) -> None:
+    # A request registered after another, with a shorter delay, is hedged at its own deadline,
+    # not behind the earlier request's.
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=1.0) if n in (1, 2) else None)
+    transport = make(inner, Hedging(delay=0.8), events)
+    url = fleet.urls[0] + "/items"
+    async with Harness("asyncio", transport) as h:
+        await h.get(url)
+        launched: dict[str, float] = {}
+
+        async def get(name: str) -> None:
+            start = time.perf_counter()
+            await h.get(url)
+            launched[name] = time.perf_counter() - start
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get, "long")  # its hedge is due at 0.8 s
+            await anyio.sleep(0.01)
+            transport._fixed_delay = 0.05  # as if the learned delay had shrunk
+            start = time.perf_counter()
+            tg.start_soon(get, "short")
+            await wait_until_async(lambda: len(events.hedges) == 1, timeout=0.5)
+            assert time.perf_counter() - start < 0.5  # not at 0.8 s
+    assert [e.after for e in events.hedges] == [0.05, 0.8]
+    assert launched["short"] < 0.5
+
+
 # --- the budget -----------------------------------------------------------------------------------
 
 

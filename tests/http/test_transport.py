@@ -420,6 +420,198 @@ async def test_discarded_responses_are_closed_async(fleet: Fleet) -> None:
     assert statuses[200] >= 295
 
 
+# --- the short path: requests to a host already seen --------------------------------------------
+#
+# Once a host is known, an ordinary request (no options, a bytes body, a closed breaker, no
+# bulkhead, deadline or telemetry) makes its first attempt on a short path and hands anything but
+# a good answer to the whole path. Most tests above send their first request to a fresh
+# transport; these send one good request first, so the hand-over itself is what they test.
+
+
+class Spy:
+    """Counts the requests that take the whole path (`ResilientTransport._handle`)."""
+
+    def __init__(self, transport: rs.ResilientTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.whole = 0
+        for name in ("_handle", "_handle_async"):
+            original = getattr(transport, name)
+            if name == "_handle":
+
+                def sync(request: httpx.Request, original: Any = original) -> httpx.Response:
+                    self.whole += 1
+                    return original(request)  # type: ignore[no-any-return]
+
+                monkeypatch.setattr(transport, name, sync)
+            else:
+
+                async def async_(
+                    request: httpx.Request, original: Any = original
+                ) -> httpx.Response:
+                    self.whole += 1
+                    return await original(request)  # type: ignore[no-any-return]
+
+                monkeypatch.setattr(transport, name, async_)
+
+
+def test_requests_to_a_known_host_take_the_short_path(
+    fleet: Fleet, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = rs.ResilientTransport(clock=clock, hedge=rs.http.Hedging(delay=0.5))
+    spy = Spy(transport, monkeypatch)
+    url = fleet.urls[0] + "/items"
+    with httpx.Client(transport=transport, timeout=httpx.Timeout(5.0)) as client:
+        first = client.get(url)
+        assert spy.whole == 1  # a new host: the whole path
+        responses = [client.get(url) for _ in range(3)] + [client.post(url, content=b"x")]
+        assert spy.whole == 1
+        for response in responses:
+            assert response.status_code == 200
+            assert info(response) == {"attempts": 1, "stale": False}
+            # The hedge's read cut (0.5 s) is undone before the body is read.
+            assert response.request.extensions["timeout"]["read"] == 5.0
+        breaker = transport.breaker_for(httpx.URL(url))
+        assert breaker is not None
+        assert breaker.metrics()["calls"] == 5  # the short path reports to the breaker
+        # What the short path leaves out sends a request the whole way:
+        client.get(url, extensions={"resilient": {"attempts": 2}})
+        client.put(url, content=iter([b"streamed"]))
+        rs.Timeout(5.0, clock=clock)(lambda: client.get(url))()  # an ambient deadline
+        assert spy.whole == 4
+        breaker.open()
+        with pytest.raises(rs.CircuitOpenError):
+            client.get(url)
+        assert spy.whole == 5
+    assert first.status_code == 200
+    assert fleet[0].counts().total == 8
+
+
+@pytest.mark.anyio
+async def test_async_requests_to_a_known_host_take_the_short_path(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = rs.ResilientTransport(hedge=rs.http.Hedging(delay=0.5))
+    spy = Spy(transport, monkeypatch)
+    url = fleet.urls[0] + "/items"
+    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0)) as client:
+        await client.get(url)
+        responses = [await client.get(url) for _ in range(3)]
+        assert spy.whole == 1
+        for response in responses:
+            assert info(response) == {"attempts": 1, "stale": False}
+            assert response.request.extensions["timeout"]["read"] == 5.0
+        await client.get(url, extensions={"resilient": {"hedge": False}})
+        assert spy.whole == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"bulkhead": rs.Bulkhead(max_concurrent=4)},
+        {"deadline": 5.0},
+        {"attempt_timeout": 5.0},
+        {"hedge": rs.http.Hedging(threads=True)},
+        {"fallback": rs.http.StaleIfError()},
+    ],
+    ids=["bulkhead", "deadline", "attempt_timeout", "threads", "stale_if_error"],
+)
+def test_transports_configured_beyond_the_short_path_take_the_whole_path(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any]
+) -> None:
+    transport = rs.ResilientTransport(**kwargs)
+    spy = Spy(transport, monkeypatch)
+    with httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            assert client.get(fleet.urls[0] + "/items").status_code == 200
+    assert spy.whole == 3
+
+
+def test_known_host_get_answered_503_then_200_is_retried(fleet: Fleet) -> None:
+    clock = HookedClock({0: fleet[0].set_faults})  # the server recovers during the first wait
+    transport = rs.ResilientTransport(clock=clock, random=lambda: 0.5)
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+        fleet[0].set_faults(error_rate=1.0)
+        response = client.get(fleet.urls[0] + "/items")
+    assert response.status_code == 200
+    assert info(response) == {"attempts": 2, "stale": False}
+    assert clock.sleeps == [pytest.approx(0.05)]
+    assert fleet[0].counts().by_status == {200: 2, 503: 1}
+
+
+@pytest.mark.anyio
+async def test_known_host_get_answered_503_then_200_is_retried_async(fleet: Fleet) -> None:
+    clock = HookedClock({0: fleet[0].set_faults})
+    transport = rs.ResilientTransport(clock=clock, random=lambda: 0.5)
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get(fleet.urls[0] + "/items")).status_code == 200
+        fleet[0].set_faults(error_rate=1.0)
+        response = await client.get(fleet.urls[0] + "/items")
+    assert response.status_code == 200
+    assert info(response) == {"attempts": 2, "stale": False}
+    assert fleet[0].counts().by_status == {200: 2, 503: 1}
+
+
+def test_known_host_post_after_connection_refused_is_retried_and_arrives_once(
+    fleet: Fleet,
+) -> None:
+    clock = HookedClock({0: fleet[0].restart})  # back up during the first retry wait
+    transport = rs.ResilientTransport(clock=clock)
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+        fleet[0].kill()
+        response = client.post(
+            fleet.urls[0] + "/orders", json={"item": 1}, headers={"X-Request-Id": "order-1"}
+        )
+    assert response.status_code == 200
+    assert info(response)["attempts"] == 2
+    assert fleet[0].counts().by_key == {"order-1": 1}
+
+
+@pytest.mark.anyio
+async def test_known_host_post_after_connection_refused_is_retried_and_arrives_once_async(
+    fleet: Fleet,
+) -> None:
+    clock = HookedClock({0: fleet[0].restart})
+    transport = rs.ResilientTransport(clock=clock)
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get(fleet.urls[0] + "/items")).status_code == 200
+        fleet[0].kill()
+        response = await client.post(
+            fleet.urls[0] + "/orders", json={"item": 1}, headers={"X-Request-Id": "order-1"}
+        )
+    assert response.status_code == 200
+    assert info(response)["attempts"] == 2
+    assert fleet[0].counts().by_key == {"order-1": 1}
+
+
+def test_known_host_post_after_read_timeout_is_not_retried(fleet: Fleet, clock: FakeClock) -> None:
+    transport = rs.ResilientTransport(clock=clock)
+    timeout = httpx.Timeout(5.0, read=0.2)
+    with httpx.Client(transport=transport, timeout=timeout) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            client.post(
+                fleet.urls[0] + "/orders?delay=1", json={}, headers={"X-Request-Id": "order-2"}
+            )
+    assert fleet[0].counts().by_key == {"order-2": 1}
+    assert clock.sleeps == []
+    assert "Idempotency-Key" in notes(caught.value)
+
+
+@pytest.mark.anyio
+async def test_known_host_cancelled_request_gives_its_breaker_permit_back(fleet: Fleet) -> None:
+    breaker = rs.CircuitBreaker(name="short", consecutive_failures=1, clock=FakeClock())
+    transport = rs.ResilientTransport(breaker=breaker, hedge=None)
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get(fleet.urls[0] + "/items")).status_code == 200
+        with anyio.move_on_after(0.2) as scope:
+            await client.get(fleet.urls[0] + "/items?delay=2")
+        assert scope.cancelled_caught
+        assert breaker.state == "closed"
+        assert breaker.metrics()["calls"] == 1  # the cancelled attempt counts as nothing
+        assert (await client.get(fleet.urls[0] + "/items")).status_code == 200
+
+
 # --- circuit breaker --------------------------------------------------------------------------
 
 
