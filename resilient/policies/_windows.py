@@ -62,6 +62,11 @@ class TimeWindow:
         self._head = epoch
         return epoch % self._n
 
+    @property
+    def width(self) -> float:
+        """Seconds per slice."""
+        return self._width
+
     def add(self, now: float, calls: float = 1.0, failures: float = 0.0, slow: float = 0.0) -> None:
         """Record at time ``now``; negative amounts take away (a budget withdrawing)."""
         i = self._advance(now)
@@ -78,6 +83,23 @@ class TimeWindow:
         i = self._advance(now) if epoch > self._head else self._head % self._n
         self._calls[i] += calls
         self.calls += calls
+
+    def add_spread(self, since: float, until: float, calls: float) -> None:
+        """``calls`` successful calls made evenly from ``since`` to ``until``: each slice still in
+        the window gets its share, so they leave the window when they would have one by one."""
+        self._advance(until)
+        width, n, head = self._width, self._n, self._head
+        first, last = int(since / width), int(until / width)
+        if first >= last:  # within one slice
+            if last > head - n:
+                self._calls[last % n] += calls
+                self.calls += calls
+            return
+        rate = calls / (until - since)
+        for epoch in range(max(first, head - n + 1), last + 1):
+            share = rate * (min(until, (epoch + 1) * width) - max(since, epoch * width))
+            self._calls[epoch % n] += share
+            self.calls += share
 
     def totals(self, now: float) -> tuple[float, float, float]:
         """(calls, failures, slow) over the window ending at ``now``."""
@@ -122,6 +144,16 @@ class CountWindow:
     def add_calls(self, now: float, calls: float = 1.0) -> None:
         """One successful call (``now`` and ``calls`` are there to match `TimeWindow`)."""
         self.add(False, False)
+
+    def add_spread(self, since: float, until: float, calls: float) -> None:
+        """``calls`` successful calls (the times are there to match `TimeWindow`)."""
+        n = int(calls)
+        if n >= self._n:  # they fill the window
+            self.clear()
+            self.calls = self._n
+            return
+        for _ in range(n):
+            self.add(False, False)
 
     def clear(self) -> None:
         self._failed = bytearray(self._n)

@@ -68,6 +68,10 @@ ASK = -2
 _FROM_STORE: tuple[State, State, State] = (CLOSED, OPEN, HALF_OPEN)
 
 
+#: Successes `CircuitBreaker._fast_success` counts before the window takes them (at the latest).
+_FOLD_EVERY = 32
+
+
 @dataclass(frozen=True, slots=True)
 class _StateView:
     """What pybreaker listeners receive as ``old_state`` / ``new_state``: they read ``.name``."""
@@ -76,12 +80,18 @@ class _StateView:
 
 
 class _Runtime:
-    """The breaker's mutable state; every write happens under ``lock``."""
+    """The breaker's mutable state; every write happens under ``lock``, but for the counts of
+    closed-state successes (``ok``, ``ok_since``, ``ok_last``: see `CircuitBreaker._fast_success`)."""
 
     __slots__ = (
         "consecutive",
+        "fold_after",
         "generation",
         "lock",
+        "ok",
+        "ok_folded",
+        "ok_last",
+        "ok_since",
         "open_until",
         "opened_for",
         "probe_successes",
@@ -102,6 +112,13 @@ class _Runtime:
         self.streak = 0
         self.probes_in_flight = 0
         self.probe_successes = 0
+        # Closed-state successes counted without the lock (`CircuitBreaker._fast_success`), the
+        # count the window has taken (`_fold_locked`), when the first and the last of those not
+        # taken came, and how long a batch may last: one slice of a time window.
+        self.ok = 0
+        self.ok_folded = 0
+        self.ok_since = self.ok_last = 0.0
+        self.fold_after = window.width if isinstance(window, TimeWindow) else float("inf")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -304,6 +321,7 @@ class CircuitBreaker(Policy):
         """
         rt = self._rt
         with rt.lock:
+            self._fold_locked()
             window = rt.window
             if isinstance(window, TimeWindow):
                 calls, failures, slow = window.totals(self._clock.monotonic())
@@ -424,6 +442,7 @@ class CircuitBreaker(Policy):
         with rt.lock:
             state = rt.state
             if state is CLOSED:
+                self._fold_locked()
                 rt.consecutive = 0
                 if self._record_locked(failed=False, slow=slow):
                     change = self._open_locked(self._clock.monotonic())
@@ -461,6 +480,7 @@ class CircuitBreaker(Policy):
         with rt.lock:
             state = rt.state
             if state is CLOSED:
+                self._fold_locked()
                 rt.consecutive += 1
                 if self._storage is not None:
                     self._storage.increment_counter()
@@ -503,6 +523,21 @@ class CircuitBreaker(Policy):
             and window.slow >= self.slow_call_rate * calls
         )
 
+    def _fold_locked(self) -> None:
+        """Give the window the successes `_fast_success` counted since the last fold, spread
+        evenly from the first of them to the last (a batch is at most `_FOLD_EVERY` successes
+        within one slice of the window, so it lands where they would have one by one). Under
+        the lock, before anything reads the window or records an outcome that could trip it: a
+        failure after them resets the streak."""
+        rt = self._rt
+        ok = rt.ok
+        n = ok - rt.ok_folded
+        if n <= 0:
+            return
+        rt.ok_folded = ok
+        rt.consecutive = 0
+        rt.window.add_spread(rt.ok_since, rt.ok_last, float(n))
+
     def _move_locked(self, new: State) -> tuple[State, State, float | None] | None:
         rt = self._rt
         old = rt.state
@@ -531,6 +566,7 @@ class CircuitBreaker(Policy):
     def _close_locked(self) -> tuple[State, State, float | None] | None:
         rt = self._rt
         rt.window.clear()
+        rt.ok_folded = rt.ok  # successes counted before it opened are history too
         rt.consecutive = 0
         rt.streak = 0
         if self._storage is not None:
@@ -743,17 +779,23 @@ class CircuitBreaker(Policy):
         )
 
     def _fast_success(self, gen: int) -> None:
-        """A success in the closed state can never trip the breaker: count it and go."""
+        """A success in the closed state can never trip the breaker: count it and go, without
+        the lock; the window takes the batch at its next read or outcome, or when the batch is
+        full (`_fold_locked`). Under threads an increment may rarely be lost, which only makes
+        the breaker a hair stricter."""
         rt = self._rt
-        lock = rt.lock
-        lock.acquire()
-        try:
-            if rt.state is CLOSED:
-                rt.consecutive = 0
-                rt.window.add_calls(self._clock.monotonic())
-                return
-        finally:
-            lock.release()
+        if rt.state is CLOSED:
+            now = self._clock.monotonic()
+            pending = rt.ok - rt.ok_folded
+            if pending and (pending >= _FOLD_EVERY or now - rt.ok_since >= rt.fold_after):
+                with rt.lock:
+                    self._fold_locked()
+                pending = 0
+            if pending == 0:
+                rt.ok_since = now
+            rt.ok_last = now
+            rt.ok += 1
+            return
         self._success(gen, 0.0)
 
     def _execute(self, thunk: Callable[[], T]) -> T:

@@ -78,6 +78,63 @@ def test_time_window_forgets_old_failures() -> None:
     assert breaker.metrics()["calls"] == 1
 
 
+def test_successes_leave_the_time_window_as_they_would_one_by_one() -> None:
+    # Closed-state successes are counted without the lock and given to the window in batches;
+    # a batch must land in the slices where its calls happened, and leave with them.
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(window=10.0, clock=clock)
+    for _ in range(100):  # one every 0.1 s, for 10 s
+        run(breaker, ok)
+        clock.advance(0.1)
+    clock.advance(5.0)
+    assert 45 <= breaker.metrics()["calls"] <= 55  # the last 5 s of them, give or take a slice
+
+
+def test_a_quiet_spell_splits_the_batches_of_successes() -> None:
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(window=10.0, clock=clock)
+    for _ in range(5):
+        run(breaker, ok)
+    clock.advance(1000.0)  # a long quiet spell, then a burst: the burst alone is in the window
+    for _ in range(20):
+        run(breaker, ok)
+        clock.advance(0.01)
+    assert breaker.metrics()["calls"] == pytest.approx(20)
+    for _ in range(20):
+        run(breaker, ok)
+    clock.advance(15.0)  # a batch not yet taken leaves the window when its calls do
+    assert breaker.metrics()["calls"] == pytest.approx(0)
+
+
+def test_a_batch_of_successes_counts_before_the_failures_after_it() -> None:
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(failure_rate=0.5, min_calls=10, clock=clock)
+    for _ in range(10):
+        run(breaker, ok)
+    for _ in range(9):
+        run(breaker, fail)
+    assert state(breaker) == "closed"  # 9 / 19
+    run(breaker, fail)  # 10 / 20
+    assert state(breaker) == "open"
+    assert breaker.metrics()["calls"] == 20
+
+
+def test_a_batch_of_successes_in_a_count_window_pushes_out_older_failures() -> None:
+    breaker = rs.CircuitBreaker(failure_rate=0.5, min_calls=4, window_calls=4, clock=FakeClock())
+    for _ in range(3):
+        run(breaker, fail)
+    for _ in range(50):  # more than a batch and more than the window
+        run(breaker, ok)
+    assert breaker.metrics() | {} == {
+        "calls": 4,
+        "failures": 0,
+        "slow_calls": 0,
+        "failure_rate": 0.0,
+        "consecutive_failures": 0,
+        "probes_in_flight": 0,
+    }
+
+
 def test_count_window_keeps_the_last_n_calls() -> None:
     breaker = rs.CircuitBreaker(failure_rate=0.5, min_calls=4, window_calls=4, clock=FakeClock())
     run(breaker, fail)
