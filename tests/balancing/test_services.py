@@ -25,6 +25,7 @@ import pytest
 import resilient as rs
 from resilient.balancing import PowerOfTwo, ReplicaStatistics, Service
 from resilient.discovery import Static
+from resilient.http import _transport as _transport_module
 from resilient.testing import FakeClock, Fleet
 from resilient.testing import Replica as FleetReplica
 
@@ -242,6 +243,33 @@ def test_a_replica_url_with_a_path_prefix_keeps_it(fleet: Fleet) -> None:
     with httpx.Client(transport=transport(fleet, service=service), timeout=5.0) as client:
         body = client.get("http://orders/v1/items?q=1").json()
     assert body["path"] == "/api/v1/items"
+
+
+def test_replica_urls_are_made_once_and_never_mixed_up(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The transport keeps the replica URL it made for each (replica, logical URL); the same
+    # request again reuses it, and a different path, query or replica never gets another's.
+    inner = Recording()
+    t = transport(fleet, inner)
+    logical = [f"http://orders/{path}" for path in ("a", "a?q=1", "b", "a?q=2")]
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        for _ in range(3):
+            for url in logical:
+                assert client.get(url).status_code == 200
+        for sent, url in zip(inner.sent, logical * 3, strict=True):
+            assert sent.url.path + ("?" + sent.url.query.decode() if sent.url.query else "") == (
+                url.removeprefix("http://orders")
+            )
+            assert sent.url.port in {r.port for r in fleet}
+        assert len(t._routed) <= len(logical) * len(fleet)
+        routed = dict(t._routed)
+        for sent in inner.sent:  # each one of the URLs kept, not one made again
+            assert any(sent.url is url for url in routed.values())
+        monkeypatch.setattr(_transport_module, "_ROUTED_MAX", 2)
+        for url in logical:  # a full table starts again, and still routes right
+            assert client.get(url).json()["path"] == url.removeprefix("http://orders").split("?")[0]
+        assert len(t._routed) <= 2
 
 
 def test_other_hosts_pass_through_untouched(fleet: Fleet) -> None:
