@@ -616,25 +616,31 @@ class _HedgeWatch:
     host, one delay) unless the learned delay shrank; then the watch scans them all.
     """
 
-    __slots__ = ("handle", "handle_at", "last_at", "loop", "ordered", "pending", "raced")
+    __slots__ = ("handle_at", "last_at", "loop", "ordered", "pending", "raced")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weakly, and no TimerHandle kept, as in `LoopTimer`: a host keeps its watches in a weak
+        # dictionary by loop, and a watch that held its loop would keep it alive for good.
+        self.loop = weakref.ref(loop)
         #: task -> (deadline, transport, request, host, delay, the task's cancellation count)
         self.pending: dict[
             asyncio.Task[Any], tuple[float, ResilientTransport, httpx.Request, _Host, float, int]
         ] = {}
         self.raced: dict[asyncio.Task[Any], _AsyncioRace] = {}
-        self.handle: asyncio.TimerHandle | None = None
-        self.handle_at = 0.0
+        self.handle_at = float("inf")  # when the pending loop callback is due (none: never)
         self.last_at = 0.0
         self.ordered = True
 
     def add(
-        self, transport: ResilientTransport, request: httpx.Request, host: _Host, delay: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: ResilientTransport,
+        request: httpx.Request,
+        host: _Host,
+        delay: float,
     ) -> asyncio.Task[Any]:
-        """Watch the caller's task: its first hedge is due in ``delay`` seconds."""
-        loop = self.loop
+        """Watch the caller's task on ``loop`` (this watch's): its first hedge is due in
+        ``delay`` seconds."""
         task = asyncio.current_task(loop)
         assert task is not None
         at = loop.time() + delay
@@ -642,10 +648,8 @@ class _HedgeWatch:
         if at < self.last_at:
             self.ordered = False
         self.last_at = at
-        if self.handle is None or at < self.handle_at:
-            if self.handle is not None:
-                self.handle.cancel()
-            self.handle = loop.call_at(at, self._sweep)
+        if at < self.handle_at:
+            loop.call_at(at, self._sweep, at)
             self.handle_at = at
         return task
 
@@ -655,10 +659,14 @@ class _HedgeWatch:
             return None
         return self.raced.pop(task)
 
-    def _sweep(self) -> None:
-        self.handle = None
+    def _sweep(self, at: float) -> None:
+        if at != self.handle_at:
+            return  # superseded by an earlier callback
+        self.handle_at = float("inf")
         pending = self.pending
-        now = self.loop.time()
+        loop = self.loop()
+        assert loop is not None  # (this runs on the loop)
+        now = loop.time()
         due: list[asyncio.Task[Any]] = []
         later = float("inf")
         for task, entry in pending.items():
@@ -671,11 +679,11 @@ class _HedgeWatch:
         if len(due) == len(pending):
             self.ordered = True  # empty from here: in order again
         if later != float("inf"):
-            self.handle = self.loop.call_at(later, self._sweep)
+            loop.call_at(later, self._sweep, later)
             self.handle_at = later
         for task in due:
             _, transport, request, host, delay, cancelling = pending.pop(task)
-            race = _AsyncioRace(transport, request, None, delay, self.loop, host, task, cancelling)
+            race = _AsyncioRace(transport, request, None, delay, loop, host, task, cancelling)
             self.raced[task] = race
             race._launch()
 
@@ -1920,9 +1928,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 loop = _get_running_loop()
                 if loop is not None:
                     watch = host.watch
-                    if watch is None or watch.loop is not loop:
+                    if watch is None or watch.loop() is not loop:
                         watch = host.watch_on(loop)
-                    task = watch.add(self, request, host, delay)
+                    task = watch.add(loop, self, request, host, delay)
                 else:  # trio: the read cut, as sync
                     read = own.get("read") if own else None
                     if read is None or delay < read:

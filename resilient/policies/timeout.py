@@ -58,23 +58,29 @@ else:  # pragma: no cover - Python 3.10 has no cancellation counts: every fired 
 # several times cheaper than a Python class with __lt__.
 _AT, _SEQ, _CALLBACK, _STATE = 0, 1, 2, 3
 _LIVE, _DONE, _FIRED = 0, 1, 2
+_NEVER = float("inf")
 _Entry = list[Any]
 
 
 class LoopTimer:
-    """Many deadlines on one asyncio loop, served by a single TimerHandle.
+    """Many deadlines on one asyncio loop, served by a single pending loop callback.
 
     ``add(callback, at)`` returns an entry; ``finish(entry)`` withdraws it (O(1): it is only
-    marked). A `Timeout` cancels its task from here; the HTTP transport launches hedges.
+    marked, and lets go of its callback). A `Timeout` cancels its task from here; the HTTP
+    transport launches hedges.
+
+    The timer holds its loop weakly and keeps no `asyncio.TimerHandle` (which holds the loop):
+    timers are the values of a weak dictionary keyed by their loop, and a value that held its
+    key would keep every loop ever used alive. A callback made needless by an earlier one is not
+    cancelled; it finds ``at`` superseded and returns.
     """
 
-    __slots__ = ("count", "handle", "handle_at", "heap", "live", "loop")
+    __slots__ = ("count", "handle_at", "heap", "live", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)
         self.heap: list[_Entry] = []
-        self.handle: asyncio.TimerHandle | None = None
-        self.handle_at = 0.0
+        self.handle_at = _NEVER  # when the pending loop callback is due (none: never)
         self.count = itertools.count()
         self.live = 0
 
@@ -83,10 +89,10 @@ class LoopTimer:
         heap = self.heap
         heapq.heappush(heap, entry)
         self.live += 1
-        if self.handle is None or at < self.handle_at:
-            if self.handle is not None:
-                self.handle.cancel()
-            self.handle = self.loop.call_at(at, self._fire)
+        if at < self.handle_at:
+            loop = self.loop()
+            assert loop is not None  # (an entry is added from a task on the loop)
+            loop.call_at(at, self._fire, at)
             self.handle_at = at
         elif len(heap) > 64 and self.live * 2 < len(heap):
             # Finished entries wait in the heap until their time; compact when they dominate.
@@ -94,27 +100,33 @@ class LoopTimer:
             heapq.heapify(heap)
         return entry
 
-    def _fire(self) -> None:
-        self.handle = None
+    def _fire(self, at: float) -> None:
+        if at != self.handle_at:
+            return  # superseded by an earlier callback
+        self.handle_at = _NEVER
         heap = self.heap
-        now = self.loop.time()
+        loop = self.loop()
+        assert loop is not None  # (this runs on the loop)
+        now = loop.time()
         while heap:
             entry = heap[0]
             if entry[_STATE] != _LIVE:
                 heapq.heappop(heap)
                 continue
             if entry[_AT] > now:
-                self.handle = self.loop.call_at(entry[_AT], self._fire)
                 self.handle_at = entry[_AT]
+                loop.call_at(entry[_AT], self._fire, entry[_AT])
                 return
             heapq.heappop(heap)
             entry[_STATE] = _FIRED
             self.live -= 1
-            entry[_CALLBACK]()
+            callback, entry[_CALLBACK] = entry[_CALLBACK], None
+            callback()
 
     def finish(self, entry: _Entry) -> None:
         if entry[_STATE] == _LIVE:
             entry[_STATE] = _DONE
+            entry[_CALLBACK] = None  # (a task's cancel holds the task, and the task its loop)
             self.live -= 1
 
 
@@ -123,21 +135,21 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopTimer] = (
 )
 
 
-#: The last (loop, timer) looked up: nearly every call comes from the same loop, and this
-#: skips the weak dictionary (~200 ns) on the hot path.
-_last: list[Any] = [None, None]
+#: The last (loop, timer) looked up, the loop weakly: nearly every call comes from the same loop,
+#: and this skips the weak dictionary (~200 ns) on the hot path.
+_last: list[Any] = [lambda: None, None]
 
 
 def loop_timer(loop: asyncio.AbstractEventLoop) -> LoopTimer:
     """The `LoopTimer` shared by everyone on ``loop`` (every `Timeout`, the HTTP hedges)."""
     last = _last
-    if last[0] is loop:
+    if last[0]() is loop:
         timer: LoopTimer = last[1]
         return timer
     found = _shared.get(loop)
     timer = found if found is not None else LoopTimer(loop)
     _shared[loop] = timer
-    last[0], last[1] = loop, timer
+    last[0], last[1] = timer.loop, timer
     return timer
 
 
@@ -218,8 +230,9 @@ class Timeout(Policy):
             raise
         finally:
             _DEADLINE.reset(token)
-            if entry[_STATE] == _LIVE:
+            if entry[_STATE] == _LIVE:  # timer.finish(entry), inlined
                 entry[_STATE] = _DONE
+                entry[_CALLBACK] = None
                 timer.live -= 1
         if entry[_STATE] == _FIRED:
             # The call swallowed our cancellation and returned: keep the task's count balanced.

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -736,6 +737,27 @@ async def test_the_hedge_watch_keeps_time_when_the_delay_shrinks(fleet: Fleet) -
             assert time.perf_counter() - start < 0.5  # not at 0.8 s
     assert [e.after for e in events.hedges] == [0.05, 0.8]
     assert launched["short"] < 0.5
+
+
+def test_hedge_watches_let_finished_loops_go() -> None:
+    # A host keeps a hedge watch per asyncio loop, in a weak dictionary: a watch must not keep
+    # its loop alive (through the loop or a pending callback of its own). (A mock inner
+    # transport: a real one's pooled connections belong to the loop that opened them.)
+    transport = rs.ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)), hedge=Hedging(delay=0.5)
+    )
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(3):
+                assert (await client.get("http://hedged.invalid/items")).status_code == 200
+
+    for _ in range(3):
+        asyncio.run(main())
+    gc.collect()
+    assert [ref() is None for ref in loops] == [True, True, True]
 
 
 # --- the budget -----------------------------------------------------------------------------------

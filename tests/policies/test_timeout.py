@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 
 import anyio
 import anyio.lowlevel
@@ -108,6 +110,21 @@ async def test_asyncio_timer_heap_is_compacted() -> None:
         await timeout.call_async(quick)
     timer = loop_timer(asyncio.get_running_loop())
     assert len(timer.heap) < 1_000  # finished entries do not pile up for 30 s
+
+
+def test_the_shared_timer_lets_finished_loops_go() -> None:
+    # One timer per loop, in a weak dictionary: it must not keep its loop (nor, through a
+    # finished entry's callback, the loop's task) alive once the loop is done with.
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await rs.Timeout(30.0).call_async(asyncio.sleep, 0)
+
+    for _ in range(3):
+        asyncio.run(main())
+    gc.collect()
+    assert [ref() is None for ref in loops] == [True, True, True]
 
 
 @pytest.mark.anyio
