@@ -235,6 +235,7 @@ class _Call:
         "attempt",
         "attempts",
         "body",
+        "cut",
         "deadline_at",
         "delay",
         "full_read",
@@ -271,6 +272,8 @@ class _Call:
         self.shortened = False
         self.full_read: float | None = None
         self.retry = True
+        # An attempt given up by the read cut: its breaker report, until a hedge is decided.
+        self.cut: tuple[CircuitBreaker, int, float, Exception] | None = None
 
 
 #: One attempt in flight: its breaker and permit generation, span, latency window, replica (None
@@ -305,9 +308,10 @@ class Hedging:
     Requests with a streamed body, and requests that are not idempotent, are never hedged.
 
     On asyncio a hedge is a real race: the first copy keeps running and the first good answer
-    wins (one timer per request). Sync and trio clients cannot race cheaply, so by default their
-    first attempt's read timeout is cut to the delay and, if it runs over, it is abandoned and a
-    copy is sent at once (no cost when it does not run over). ``threads=True`` races sync
+    wins (a request is watched, and the race set up only when its hedge falls due). Sync and
+    trio clients cannot race cheaply, so by default their first attempt's read timeout is cut to
+    the delay and, if it runs over, it is abandoned and a copy is sent at once (no cost when it
+    does not run over). ``threads=True`` races sync
     requests in pool threads (every hedgeable request then pays a thread hand-off, tens of µs);
     ``trio=True`` races trio requests in a task group (~100 µs a request).
 
@@ -1348,12 +1352,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica.failures += 1
             replica.observe_failure(duration, started + duration)
         if breaker is not None and gen != REJECTED:
-            if self.classifier.exception_kind(exc) == "not_retryable" or (
-                call.shortened and isinstance(exc, httpx.ReadTimeout)
-            ):
-                # (An attempt the hedge's read cut gave up on failed no more than a race's
-                # loser: if the server is really stuck, the copy's own timeout says so.)
+            if self.classifier.exception_kind(exc) == "not_retryable":
                 breaker._release(gen)
+            elif call.shortened and isinstance(exc, httpx.ReadTimeout):
+                # Given up by the hedge's read cut: a failure only if no copy goes out instead
+                # (`_hedge_after_cut` decides); with a copy, it failed no more than a race's loser.
+                call.cut = (breaker, gen, duration, exc)
             else:
                 breaker._failure(gen, duration, exc)
 
@@ -1450,16 +1454,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     request.extensions = {**request.extensions, "timeout": cut}
         clock = self._clock
         started = clock.monotonic()
+        failed: Exception | None = None
         try:
             response = inner.handle_request(request)
         except Exception as exc:
-            call = self._resumed(host, idempotent, own, delay, read, cut is not None)
-            self._attempt_failed((breaker, gen, None, host.latency, None, started), call, exc)
-            return self._loop(request, call, exc)
+            failed = exc  # handled below, outside this block: later errors are not its context
         except BaseException:
             if breaker is not None:
                 breaker._release(gen)
             raise
+        if failed is not None:
+            call = self._resumed(host, idempotent, own, delay, read, cut is not None)
+            self._attempt_failed((breaker, gen, None, host.latency, None, started), call, failed)
+            return self._loop(request, call, failed)
         status = response.status_code
         classifier = self.classifier
         if status >= self._good_below and (
@@ -1605,7 +1612,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
             return False
         self._censored(request, call, delay)
-        return self._may_hedge(request, 1, delay)
+        hedged = self._may_hedge(request, 1, delay)
+        cut, call.cut = call.cut, None
+        if cut is not None:  # the attempt's breaker report, held back by `_attempt_failed`
+            breaker, gen, duration, error = cut
+            if hedged:
+                breaker._release(gen)
+            else:
+                breaker._failure(gen, duration, error)
+        return hedged
 
     def _settle(
         self, request: httpx.Request, call: _Call, outcome: httpx.Response | Exception
@@ -1939,22 +1954,25 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         request.extensions = {**request.extensions, "timeout": cut}
         clock = self._clock
         started = clock.monotonic()
+        failed: BaseException | None = None
         try:
             response = await inner.handle_async_request(request)
         except BaseException as exc:
+            failed = exc  # handled below, outside this block: later errors are not its context
+        if failed is not None:
             race = watch.take(task) if task is not None and watch is not None else None
             attempt = (breaker, gen, None, host.latency, None, started)
             call = race.call_state() if race is not None else None
-            if not isinstance(exc, Exception):
+            if not isinstance(failed, Exception):
                 self._attempt_cancelled(attempt)
                 if race is None:
-                    raise
+                    raise failed
                 assert call is not None
-                return await self._loop_async(request, call, exc, race)
+                return await self._loop_async(request, call, failed, race)
             if call is None:
                 call = self._resumed(host, idempotent, own, delay, read, cut is not None)
-            self._attempt_failed(attempt, call, exc)
-            return await self._loop_async(request, call, exc, race)
+            self._attempt_failed(attempt, call, failed)
+            return await self._loop_async(request, call, failed, race)
         race = watch.take(task) if task is not None and watch is not None else None
         status = response.status_code
         classifier = self.classifier

@@ -84,22 +84,14 @@ class TimeWindow:
         self._calls[i] += calls
         self.calls += calls
 
-    def add_spread(self, since: float, until: float, calls: float) -> None:
-        """``calls`` successful calls made evenly from ``since`` to ``until``: each slice still in
-        the window gets its share, so they leave the window when they would have one by one."""
-        self._advance(until)
-        width, n, head = self._width, self._n, self._head
-        first, last = int(since / width), int(until / width)
-        if first >= last:  # within one slice
-            if last > head - n:
-                self._calls[last % n] += calls
-                self.calls += calls
-            return
-        rate = calls / (until - since)
-        for epoch in range(max(first, head - n + 1), last + 1):
-            share = rate * (min(until, (epoch + 1) * width) - max(since, epoch * width))
-            self._calls[epoch % n] += share
-            self.calls += share
+    def add_calls_at(self, at: float, calls: float) -> None:
+        """``calls`` successful calls made in the slice of time ``at`` (now or earlier): nothing
+        if that slice has left the window."""
+        self._advance(at)
+        epoch = int(at / self._width)
+        if epoch > self._head - self._n:
+            self._calls[epoch % self._n] += calls
+            self.calls += calls
 
     def totals(self, now: float) -> tuple[float, float, float]:
         """(calls, failures, slow) over the window ending at ``now``."""
@@ -145,8 +137,8 @@ class CountWindow:
         """One successful call (``now`` and ``calls`` are there to match `TimeWindow`)."""
         self.add(False, False)
 
-    def add_spread(self, since: float, until: float, calls: float) -> None:
-        """``calls`` successful calls (the times are there to match `TimeWindow`)."""
+    def add_calls_at(self, at: float, calls: float) -> None:
+        """``calls`` successful calls (``at`` is there to match `TimeWindow`)."""
         n = int(calls)
         if n >= self._n:  # they fill the window
             self.clear()

@@ -81,17 +81,17 @@ class _StateView:
 
 class _Runtime:
     """The breaker's mutable state; every write happens under ``lock``, but for the counts of
-    closed-state successes (``ok``, ``ok_since``, ``ok_last``: see `CircuitBreaker._fast_success`)."""
+    closed-state successes (``ok``, ``ok_since``, ``ok_until``: see `CircuitBreaker._fast_success`)."""
 
     __slots__ = (
         "consecutive",
-        "fold_after",
+        "fold_width",
         "generation",
         "lock",
         "ok",
         "ok_folded",
-        "ok_last",
         "ok_since",
+        "ok_until",
         "open_until",
         "opened_for",
         "probe_successes",
@@ -113,12 +113,13 @@ class _Runtime:
         self.probes_in_flight = 0
         self.probe_successes = 0
         # Closed-state successes counted without the lock (`CircuitBreaker._fast_success`), the
-        # count the window has taken (`_fold_locked`), when the first and the last of those not
-        # taken came, and how long a batch may last: one slice of a time window.
+        # count the window has taken (`_fold_locked`), when the first of those not taken came,
+        # and when the window's slice it fell in ends (a batch stays within one slice).
         self.ok = 0
         self.ok_folded = 0
-        self.ok_since = self.ok_last = 0.0
-        self.fold_after = window.width if isinstance(window, TimeWindow) else float("inf")
+        self.ok_since = 0.0
+        self.ok_until = 0.0
+        self.fold_width = window.width if isinstance(window, TimeWindow) else float("inf")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -524,11 +525,11 @@ class CircuitBreaker(Policy):
         )
 
     def _fold_locked(self) -> None:
-        """Give the window the successes `_fast_success` counted since the last fold, spread
-        evenly from the first of them to the last (a batch is at most `_FOLD_EVERY` successes
-        within one slice of the window, so it lands where they would have one by one). Under
-        the lock, before anything reads the window or records an outcome that could trip it: a
-        failure after them resets the streak."""
+        """Give the window the successes `_fast_success` counted since the last fold: at most
+        `_FOLD_EVERY`, all within one slice of the window, so they land in the slice where they
+        happened, whole, and leave the window with it. Under the lock, before anything reads the
+        window or records an outcome that could trip it: a failure after them resets the
+        streak."""
         rt = self._rt
         ok = rt.ok
         n = ok - rt.ok_folded
@@ -536,7 +537,7 @@ class CircuitBreaker(Policy):
             return
         rt.ok_folded = ok
         rt.consecutive = 0
-        rt.window.add_spread(rt.ok_since, rt.ok_last, float(n))
+        rt.window.add_calls_at(rt.ok_since, float(n))
 
     def _move_locked(self, new: State) -> tuple[State, State, float | None] | None:
         rt = self._rt
@@ -787,13 +788,13 @@ class CircuitBreaker(Policy):
         if rt.state is CLOSED:
             now = self._clock.monotonic()
             pending = rt.ok - rt.ok_folded
-            if pending and (pending >= _FOLD_EVERY or now - rt.ok_since >= rt.fold_after):
+            if pending and (pending >= _FOLD_EVERY or now >= rt.ok_until):
                 with rt.lock:
                     self._fold_locked()
                 pending = 0
-            if pending == 0:
+            if pending <= 0:  # the first of a batch
                 rt.ok_since = now
-            rt.ok_last = now
+                rt.ok_until = (int(now / rt.fold_width) + 1) * rt.fold_width
             rt.ok += 1
             return
         self._success(gen, 0.0)

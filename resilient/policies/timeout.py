@@ -104,18 +104,18 @@ class LoopTimer:
         if at != self.handle_at:
             return  # superseded by an earlier callback
         self.handle_at = _NEVER
-        heap = self.heap
         loop = self.loop()
         assert loop is not None  # (this runs on the loop)
         now = loop.time()
-        while heap:
+        while heap := self.heap:  # (a callback's add() may compact it into a new list)
             entry = heap[0]
             if entry[_STATE] != _LIVE:
                 heapq.heappop(heap)
                 continue
             if entry[_AT] > now:
-                self.handle_at = entry[_AT]
-                loop.call_at(entry[_AT], self._fire, entry[_AT])
+                if entry[_AT] < self.handle_at:  # (a callback's add() may have called sooner)
+                    self.handle_at = entry[_AT]
+                    loop.call_at(entry[_AT], self._fire, entry[_AT])
                 return
             heapq.heappop(heap)
             entry[_STATE] = _FIRED
@@ -136,20 +136,24 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopTimer] = (
 
 
 #: The last (loop, timer) looked up, the loop weakly: nearly every call comes from the same loop,
-#: and this skips the weak dictionary (~200 ns) on the hot path.
-_last: list[Any] = [lambda: None, None]
+#: and this skips the weak dictionary (~200 ns) on the hot path. One tuple, read and written in
+#: one step: threads running loops of their own never see one loop paired with another's timer.
+_last: tuple[Callable[[], asyncio.AbstractEventLoop | None], LoopTimer | None] = (
+    lambda: None,
+    None,
+)
 
 
 def loop_timer(loop: asyncio.AbstractEventLoop) -> LoopTimer:
     """The `LoopTimer` shared by everyone on ``loop`` (every `Timeout`, the HTTP hedges)."""
-    last = _last
-    if last[0]() is loop:
-        timer: LoopTimer = last[1]
+    global _last
+    ref, timer = _last
+    if timer is not None and ref() is loop:
         return timer
     found = _shared.get(loop)
     timer = found if found is not None else LoopTimer(loop)
     _shared[loop] = timer
-    last[0], last[1] = timer.loop, timer
+    _last = (timer.loop, timer)
     return timer
 
 

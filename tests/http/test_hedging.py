@@ -739,6 +739,33 @@ async def test_the_hedge_watch_keeps_time_when_the_delay_shrinks(fleet: Fleet) -
     assert launched["short"] < 0.5
 
 
+@pytest.mark.parametrize(
+    ("anyio_backend", "mode"), [("trio", "trio"), ("asyncio", "sync")], ids=["trio", "sync"]
+)
+@pytest.mark.anyio
+async def test_an_attempt_given_up_by_the_read_cut_fails_when_no_copy_goes_out(
+    fleet: Fleet, mode: Mode
+) -> None:
+    # With no budget left for a hedge, the attempt the cut gave up on is the request's failure,
+    # and its breaker must hear of it (with a copy sent, it counted as nothing: see above).
+    breaker = rs.CircuitBreaker(name="cut", consecutive_failures=1, clock=FakeClock())
+    events = Events()
+    inner = Scripted(lambda n: Fault(delay=0.5) if n > 0 else None)
+    transport = make(
+        inner,
+        Hedging(delay=0.05),
+        events,
+        breaker=breaker,
+        budget=rs.RetryBudget(ratio=0.01, min_per_second=0.01),  # never a whole token
+    )
+    async with Harness(mode, transport) as h:
+        await h.get(fleet.urls[0] + "/items")
+        with pytest.raises(httpx.ReadTimeout):
+            await h.get(fleet.urls[0] + "/items")
+    assert events.hedges == []
+    assert breaker.state == "open"
+
+
 def test_hedge_watches_let_finished_loops_go() -> None:
     # A host keeps a hedge watch per asyncio loop, in a weak dictionary: a watch must not keep
     # its loop alive (through the loop or a pending callback of its own). (A mock inner

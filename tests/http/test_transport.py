@@ -584,6 +584,22 @@ async def test_known_host_post_after_connection_refused_is_retried_and_arrives_o
     assert fleet[0].counts().by_key == {"order-1": 1}
 
 
+def test_known_host_errors_of_later_attempts_do_not_chain_the_first(fleet: Fleet) -> None:
+    transport = rs.ResilientTransport(clock=FakeClock())
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+        fleet[0].kill()
+        with pytest.raises(httpx.ConnectError) as caught:
+            client.get(fleet.urls[0] + "/items")
+    assert "gave up after 3 attempt(s)" in notes(caught.value)
+    chain = []  # as on the whole path: not "during handling of" an earlier attempt's error
+    context = caught.value.__context__
+    while context is not None:
+        chain.append(context)
+        context = context.__context__
+    assert not [c for c in chain if isinstance(c, httpx.TransportError)]
+
+
 def test_known_host_post_after_read_timeout_is_not_retried(fleet: Fleet, clock: FakeClock) -> None:
     transport = rs.ResilientTransport(clock=clock)
     timeout = httpx.Timeout(5.0, read=0.2)

@@ -90,6 +90,18 @@ def test_successes_leave_the_time_window_as_they_would_one_by_one() -> None:
     assert 45 <= breaker.metrics()["calls"] <= 55  # the last 5 s of them, give or take a slice
 
 
+def test_a_batch_of_successes_never_straddles_two_slices() -> None:
+    # Whole calls per slice: when a slice leaves the window, exactly its calls leave with it.
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(window=10.0, clock=clock)  # ten slices of 1 s
+    clock.advance(0.5)
+    run(breaker, ok)  # slice 0
+    clock.advance(0.75)
+    run(breaker, ok)  # slice 1
+    clock.advance(9.0)  # t = 10.25: slice 0 has left the window, slice 1 has not
+    assert breaker.metrics()["calls"] == 1
+
+
 def test_a_quiet_spell_splits_the_batches_of_successes() -> None:
     clock = FakeClock()
     breaker = rs.CircuitBreaker(window=10.0, clock=clock)

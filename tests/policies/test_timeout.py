@@ -11,7 +11,7 @@ import pytest
 
 import resilient as rs
 from resilient.events import Event, TimedOut
-from resilient.policies.timeout import loop_timer
+from resilient.policies.timeout import LoopTimer, loop_timer
 from resilient.testing import FakeClock
 
 
@@ -110,6 +110,33 @@ async def test_asyncio_timer_heap_is_compacted() -> None:
         await timeout.call_async(quick)
     timer = loop_timer(asyncio.get_running_loop())
     assert len(timer.heap) < 1_000  # finished entries do not pile up for 30 s
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_entry_added_while_the_timer_fires_is_not_delayed() -> None:
+    # Callbacks run by one firing add entries; one of those adds compacts the heap into a new
+    # list. An entry due soon, added after that, must still fire on time, not when the next entry
+    # of the old list was due.
+    loop = asyncio.get_running_loop()
+    timer = LoopTimer(loop)
+    now = loop.time()
+    for _ in range(80):  # finished entries far away: the next add may compact
+        timer.finish(timer.add(lambda: None, now + 100.0))
+    fired: list[str] = []
+    soon = asyncio.Event()
+
+    def on_time() -> None:
+        fired.append("soon")
+        soon.set()
+
+    timer.add(lambda: fired.append("late"), now + 2.0)  # live, in the old and the new list
+    timer.add(lambda: timer.add(lambda: fired.append("x"), loop.time() + 0.05), now)
+    timer.add(lambda: timer.add(lambda: None, loop.time() + 0.06), now)  # compacts
+    timer.add(lambda: timer.add(on_time, loop.time() + 0.01), now)
+    await asyncio.wait_for(soon.wait(), timeout=1.0)  # well before 2 s
+    assert fired == ["soon"]
+    assert "late" not in fired
 
 
 def test_the_shared_timer_lets_finished_loops_go() -> None:
