@@ -661,7 +661,7 @@ class _HedgeWatch:
         """The caller's attempt is over: the race the watch started for it, if it did."""
         if self.pending.pop(task, None) is not None:
             return None
-        return self.raced.pop(task)
+        return self.raced.pop(task, None)  # (None if making its race failed)
 
     def _sweep(self, at: float) -> None:
         if at != self.handle_at:
