@@ -35,7 +35,7 @@ def test_demo_bad_duration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.slow
 def test_demo_without_a_terminal_prints_the_story_and_a_summary() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "resilient.cli", "demo", "--duration", "10", "--seed", "3"],
+        [sys.executable, "-m", "resilient.cli", "demo", "--duration", "20", "--seed", "3"],
         capture_output=True,
         text=True,
         timeout=90,

@@ -235,7 +235,6 @@ class _Call:
         "attempt",
         "attempts",
         "body",
-        "cut",
         "deadline_at",
         "delay",
         "full_read",
@@ -272,8 +271,6 @@ class _Call:
         self.shortened = False
         self.full_read: float | None = None
         self.retry = True
-        # An attempt given up by the read cut: its breaker report, until a hedge is decided.
-        self.cut: tuple[CircuitBreaker, int, float, Exception] | None = None
 
 
 #: One attempt in flight: its breaker and permit generation, span, latency window, replica (None
@@ -1354,11 +1351,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if breaker is not None and gen != REJECTED:
             if self.classifier.exception_kind(exc) == "not_retryable":
                 breaker._release(gen)
-            elif call.shortened and isinstance(exc, httpx.ReadTimeout):
-                # Given up by the hedge's read cut: a failure only if no copy goes out instead
-                # (`_hedge_after_cut` decides); with a copy, it failed no more than a race's loser.
-                call.cut = (breaker, gen, duration, exc)
             else:
+                # (Also an attempt given up by the hedge's read cut: slower than the service's
+                # p95, it is the only evidence against a replica that accepts and never answers.)
                 breaker._failure(gen, duration, exc)
 
     @staticmethod
@@ -1612,15 +1607,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
             return False
         self._censored(request, call, delay)
-        hedged = self._may_hedge(request, 1, delay)
-        cut, call.cut = call.cut, None
-        if cut is not None:  # the attempt's breaker report, held back by `_attempt_failed`
-            breaker, gen, duration, error = cut
-            if hedged:
-                breaker._release(gen)
-            else:
-                breaker._failure(gen, duration, error)
-        return hedged
+        return self._may_hedge(request, 1, delay)
 
     def _settle(
         self, request: httpx.Request, call: _Call, outcome: httpx.Response | Exception

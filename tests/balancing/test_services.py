@@ -330,6 +330,20 @@ def test_a_frozen_replica_is_ejected_after_read_timeouts_without_failing_a_get(
         check_ejection(t, inner, frozen, lambda: get_many(client, 60), fleet, live=[0, 2])
 
 
+def test_a_frozen_replica_is_ejected_when_hedging_gives_its_attempts_up(fleet: Fleet) -> None:
+    # With hedging on, a sync attempt to the frozen replica is given up at the hedge's read cut
+    # and a copy goes elsewhere: the request succeeds, and the given-up attempt is the evidence
+    # that ejects the replica (were it given back instead, every request to the frozen replica
+    # would cost a hedge until the retry budget ran out, and then fail).
+    inner = Recording()
+    t = transport(fleet, inner, hedge=rs.http.Hedging(delay=0.05))
+    frozen = fleet[1]
+    with httpx.Client(transport=t, timeout=2.0) as client:
+        get_many(client, 60)
+        frozen.freeze()
+        check_ejection(t, inner, frozen, lambda: get_many(client, 60), fleet, live=[0, 2])
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 async def test_async_load_spread_and_ejection(fleet: Fleet, fault: str) -> None:
