@@ -244,6 +244,7 @@ class _Call:
         "last_duration",
         "logical",
         "logical_host",
+        "lost",
         "retry",
         "sent",
         "service",
@@ -271,6 +272,7 @@ class _Call:
         self.shortened = False
         self.full_read: float | None = None
         self.retry = True
+        self.lost = False  # a copy answered well: attempts cancelled from now on lost a race
 
 
 #: One attempt in flight: its breaker and permit generation, span, latency window, replica (None
@@ -528,6 +530,7 @@ class _AsyncioRace:
             self.loop.create_task(response.aclose())
             return
         self.winner = response
+        self.call_state().lost = True
         if self.primary:
             self.task.cancel()  # the caller's own attempt lost the race
 
@@ -595,6 +598,8 @@ class _AsyncioRace:
                 if not self.transport._good(outcome) and await self._wait_for_hedges():
                     await outcome.aclose()  # a retryable answer, and a hedge did better
                     return self._take_winner()
+                if self.hedges:
+                    self.call_state().lost = True  # the hedges still running lost
                 return outcome
             if isinstance(outcome, asyncio.CancelledError):
                 if self.winner is not None and _uncancel(self.task) <= self.cancelling:
@@ -1356,6 +1361,23 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 # p95, it is the only evidence against a replica that accepts and never answers.)
                 breaker._failure(gen, duration, exc)
 
+    def _attempt_lost(self, attempt: _Attempt) -> None:
+        """An attempt cancelled because another copy of its request answered first. Slower than
+        the hedge delay and the winner together, it counts against its replica as an attempt
+        given up by the sync read cut does: it is the only evidence against a replica that
+        accepts and never answers, which would otherwise stay in the choice, each request to it
+        costing a hedge."""
+        breaker, gen, span, _, replica, started = attempt
+        duration = self._clock.monotonic() - started
+        if span is not None:
+            span.end()
+        if replica is not None:
+            replica.in_flight -= 1
+            replica.failures += 1
+            replica.observe_failure(duration, started + duration)
+        if breaker is not None and gen != REJECTED:
+            breaker._failure(gen, duration, None)
+
     @staticmethod
     def _attempt_cancelled(attempt: _Attempt) -> None:
         breaker, gen, span, _, replica, _ = attempt
@@ -1951,7 +1973,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             attempt = (breaker, gen, None, host.latency, None, started)
             call = race.call_state() if race is not None else None
             if not isinstance(failed, Exception):
-                self._attempt_cancelled(attempt)
+                if call is not None and call.lost and isinstance(failed, asyncio.CancelledError):
+                    self._attempt_lost(attempt)  # a hedge won and cancelled it
+                else:
+                    self._attempt_cancelled(attempt)
                 if race is None:
                     raise failed
                 assert call is not None
@@ -2025,8 +2050,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except Exception as exc:
             self._attempt_failed(attempt, call, exc)
             raise
-        except BaseException:
-            self._attempt_cancelled(attempt)
+        except BaseException as exc:
+            if call.lost and isinstance(exc, asyncio.CancelledError):
+                self._attempt_lost(attempt)
+            else:
+                self._attempt_cancelled(attempt)
             raise
         self._attempt_answered(attempt, call, response)
         return response

@@ -344,6 +344,27 @@ def test_a_frozen_replica_is_ejected_when_hedging_gives_its_attempts_up(fleet: F
         check_ejection(t, inner, frozen, lambda: get_many(client, 60), fleet, live=[0, 2])
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_frozen_replica_is_ejected_when_hedges_win_its_races(fleet: Fleet) -> None:
+    # On asyncio a request to the frozen replica is raced: its hedge answers and the attempt
+    # to the frozen replica is cancelled. That lost attempt is the evidence that ejects the
+    # replica; given back instead, the replica would stay in the choice until the retry budget
+    # ran out, and then each request to it would wait for its whole timeout.
+    t = transport(fleet, hedge=rs.http.Hedging(delay=0.05))
+    frozen = fleet[1]
+    async with httpx.AsyncClient(transport=t, timeout=2.0) as client:
+        await aget_many(client, 60)
+        await anyio.to_thread.run_sync(frozen.freeze)
+        start = time.monotonic()
+        responses: list[httpx.Response] = []
+        while by_port(t)[frozen.port].state != "ejected":
+            assert time.monotonic() - start < 1.5, stats(t)  # no budget ran out, no 2 s wait
+            responses += await aget_many(client, 16)
+    assert {r.status_code for r in responses} == {200}
+    assert by_port(t)[frozen.port].failures >= CONSECUTIVE
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 async def test_async_load_spread_and_ejection(fleet: Fleet, fault: str) -> None:
