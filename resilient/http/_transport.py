@@ -998,7 +998,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         hedge = self.hedge
         if hedge is not None and call.hedge and call.idempotent and call.body is None:
             # (A streamed body cannot be sent twice.)
-            call.delay = window.learned if hedge._quantile is not None else float(hedge.delay)
+            call.delay = window.learned if self._learn is not None else self._fixed_delay
         if self.budget is not None:
             self.budget.deposit()
         return call

@@ -78,7 +78,7 @@ class TimeWindow:
         self.slow += slow
 
     def add_calls(self, now: float, calls: float = 1.0) -> None:
-        """``add(now, calls)`` kept short: every successful call and every budget deposit."""
+        """``add(now, calls)`` kept short: budget deposits and the calls a throttle accepts."""
         epoch = int(now / self._width)
         i = self._advance(now) if epoch > self._head else self._head % self._n
         self._calls[i] += calls
@@ -132,10 +132,6 @@ class CountWindow:
         self.failures += failed
         self.slow += slow
         self._i = (i + 1) % self._n
-
-    def add_calls(self, now: float, calls: float = 1.0) -> None:
-        """One successful call (``now`` and ``calls`` are there to match `TimeWindow`)."""
-        self.add(False, False)
 
     def add_calls_at(self, at: float, calls: float) -> None:
         """``calls`` successful calls (``at`` is there to match `TimeWindow`)."""
