@@ -615,10 +615,10 @@ class _HedgeWatch:
     """The hedge deadlines of the short path's asyncio requests to one host on one loop.
 
     A request that may be hedged puts its task here and takes it back when its attempt is over;
-    one timer handle wakes the watch at the earliest deadline, and only a request still running
-    then gets a race (`_AsyncioRace`), made at that moment with its first hedge. Most requests
-    answer first and cost a dict insert and pop, where a race of their own would cost an object
-    and a timer entry each (~4 µs of a client's request). Entries come in deadline order (one
+    one pending loop callback wakes the watch at the earliest deadline, and only a request still
+    running then gets a race (`_AsyncioRace`), made at that moment with its first hedge. Most
+    requests answer first and cost a dict insert and pop, where a race of their own would cost
+    an object and a timer entry each (~6 µs of a client's request). Entries come in deadline order (one
     host, one delay) unless the learned delay shrank; then the watch scans them all.
     """
 
