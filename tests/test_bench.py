@@ -6,6 +6,7 @@ Timings and the targets themselves are for the benchmark, never for this suite.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,33 @@ def test_the_markov_column_uses_the_availability_model() -> None:
     pytest.importorskip("resilient.availability")
     assert _bench.markov_prediction(3) == pytest.approx(99.9)
     assert _bench.markov_prediction(1) == pytest.approx(90.0)
+
+
+def test_the_harness_heap_is_frozen_out_of_the_collector_only_while_a_run_lasts() -> None:
+    # Earlier runs' samples must not cost the client under test full-collection pauses; the
+    # freeze must end with the run, even when the client raises.
+    kept = [object() for _ in range(1000)]  # stands for earlier runs' results
+    seen: list[int] = []
+
+    class Client:
+        def get(self, path: str) -> _bench.Outcome:
+            seen.append(gc.get_freeze_count())
+            return _bench.Outcome(ok=True, status=200)
+
+        def close(self) -> None:
+            pass
+
+    samples, _ = _bench._drive(
+        Client(), _bench.Settings(requests=20, threads=2), None, lambda: None
+    )
+    assert len(samples) == 20
+    assert min(seen) >= len(kept)
+    assert gc.get_freeze_count() == 0
+
+    class Failing(Client):
+        def get(self, path: str) -> _bench.Outcome:
+            raise RuntimeError("client broke")
+
+    with pytest.raises(RuntimeError, match="client broke"):
+        _bench._drive(Failing(), _bench.Settings(requests=5, threads=1), None, lambda: None)
+    assert gc.get_freeze_count() == 0
