@@ -76,7 +76,6 @@ def _yield_gil() -> None:
 _DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
 
 #: Replica URLs `ResilientTransport._route` keeps (then it starts again): ~1 MB at most.
-_ROUTED_MAX = 4096
 
 #: Keys accepted in ``request.extensions["resilient"]``.
 _OPTION_KEYS = frozenset({"attempts", "deadline", "hedge", "idempotent", "retry"})
@@ -804,7 +803,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.hooks = tuple(hooks)
         self._rand = random or _random.random
         self._hosts: dict[tuple[bytes, int | None], _Host] = {}
-        self._routed: dict[tuple[tuple[str, str, int | None, bytes, str], str], httpx.URL] = {}
         self._services: dict[str, ServiceRuntime] = {}
         for name, spec in (services or {}).items():
             self._services[name.lower()] = self._service_runtime(name, spec)
@@ -824,7 +822,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         # when none of them is configured. (The configuration is read once, here.)
         self._direct_ok = (
             bulkhead is None
-            and not self._services
             and deadline is None
             and attempt_timeout is None
             and not self._tracer_given
@@ -1264,26 +1261,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self, request: httpx.Request, logical: httpx.URL, replica: Replica, service: ServiceRuntime
     ) -> None:
         """Point the request at a replica: its scheme, host, port and path prefix."""
-        scheme, host, port, prefix, netloc = replica.route
-        # httpx parses and checks a URL made from parts again (~10 µs, as much as the rest of
-        # our work on a request): the same URL on the same replica is made once.
-        key = (replica.route, str(logical))
-        url = self._routed.get(key)
-        if url is None:
-            raw_path = logical.raw_path
-            if prefix:
-                raw_path = prefix + raw_path
-            url = logical.copy_with(scheme=scheme, host=host, port=port, raw_path=raw_path)
-            if len(self._routed) >= _ROUTED_MAX:
-                self._routed.clear()
-            self._routed[key] = url
-        request.url = url
+        request.url = replica.url_for(logical)
         server_name = service.service.tls_server_name
         if server_name:
             request.headers["Host"] = server_name
             request.extensions = {**request.extensions, "sni_hostname": server_name}
         else:
-            request.headers["Host"] = netloc
+            request.headers["Host"] = replica.route[4]
 
     def _start_attempt(
         self, request: httpx.Request, call: _Call, read_limit: float | None = None
@@ -1449,7 +1433,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         url = request.url
         host = self._hosts.get((url.raw_host, url.port))
         inner = self._sync_inner
-        if host is None or inner is None or not self._plain_request(request, host):
+        if host is None and inner is not None and url.port is None and self._services:
+            service = self._services.get(url.host)
+            if service is not None:
+                return self._service_direct(request, service, inner)
+        if host is None or inner is None or not self._plain_request(request, host.breaker):
             return self._handle(request)
         budget = self.budget
         if budget is not None:
@@ -1503,6 +1491,99 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         response.extensions["resilient"] = {"attempts": 1, "stale": False}
         return response
 
+    def _service_direct(
+        self, request: httpx.Request, service: ServiceRuntime, inner: httpx.BaseTransport
+    ) -> httpx.Response:
+        """`handle_request`'s short path for a request to a service: a replica chosen and the
+        first attempt made here, with only the work of `_begin`, `_guarded`, `_choose` and the
+        attempt that it needs. Taken while the service's breaker and the chosen replica's are
+        closed; anything but a good answer goes on in `_guarded_from` exactly as if `_handle`
+        had started it."""
+        guard = service.breaker
+        if (guard is not None and not (guard._plain and guard._rt.state is CLOSED)) or (
+            not self._plain_request(request, None)
+        ):
+            return self._handle(request)
+        replica = service.pick(())
+        breaker = None if replica is None else replica.breaker
+        if replica is None or (
+            breaker is not None and not (breaker._plain and breaker._rt.state is CLOSED)
+        ):
+            return self._handle(request)  # no replica, or its permit is not a formality
+        budget = self.budget
+        if budget is not None:
+            budget.deposit()
+        guard_gen = 0 if guard is None else guard._rt.generation
+        gen = 0 if breaker is None else breaker._rt.generation
+        logical = request.url
+        logical_host = request.headers.get("Host")
+        self._route(request, logical, replica, service)
+        own = request.extensions.get("timeout")
+        idempotent = self.classifier.is_idempotent(request)
+        latency = service.latency
+        delay: float | None = None
+        read: float | None = None
+        cut: dict[str, float | None] | None = None
+        if idempotent and self.hedge is not None:
+            delay = latency.learned if self._learn is not None else self._fixed_delay
+            if delay is not None:
+                read = own.get("read") if own else None
+                if read is None or delay < read:  # the read cut of `_hedged`
+                    cut = dict(own) if own else {}
+                    cut["read"] = delay
+                    request.extensions = {**request.extensions, "timeout": cut}
+        replica.in_flight += 1
+        clock = self._clock
+        started = clock.monotonic()
+        failed: Exception | None = None
+        try:
+            response = inner.handle_request(request)
+        except Exception as exc:
+            failed = exc  # handled below, outside this block: later errors are not its context
+        except BaseException:
+            replica.in_flight -= 1
+            if breaker is not None:
+                breaker._release(gen)
+            if guard is not None:
+                guard._release(guard_gen)
+            self._unroute_to(request, logical, logical_host)
+            raise
+        if failed is None:
+            status = response.status_code
+            classifier = self.classifier
+            if status < self._good_below or not (
+                status in classifier.retry_statuses or classifier.is_failure(status)
+            ):
+                if cut is not None:
+                    cut["read"] = read  # as `_restore_read`
+                duration = clock.monotonic() - started
+                replica.in_flight -= 1
+                replica.successes += 1
+                replica.observe(duration, started + duration)
+                if self._learn is not None:
+                    latency.add(duration)
+                if breaker is not None:
+                    breaker._fast_success(gen)
+                if guard is not None:
+                    guard._fast_success(guard_gen)
+                self._unroute_to(request, logical, logical_host)
+                response.extensions["resilient"] = {"attempts": 1, "stale": False}
+                return response
+        call = self._resumed(None, idempotent, own, delay, read, cut is not None)
+        call.service = service
+        call.logical = logical
+        call.logical_host = logical_host
+        call.tried = (replica,)
+        attempt = (breaker, gen, None, latency, replica, started)
+        if failed is not None:
+            self._attempt_failed(attempt, call, failed)
+        else:
+            self._attempt_answered(attempt, call, response)
+        try:
+            return self._guarded_from(request, call, guard, guard_gen, failed or response)
+        finally:
+            self._unroute(request, call)
+
     def _handle(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
         started = 0.0
@@ -1532,11 +1613,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             response.stream = self._hold(response, bulkhead, started)
         return response
 
-    def _plain_request(self, request: httpx.Request, host: _Host) -> bool:
+    def _plain_request(self, request: httpx.Request, breaker: CircuitBreaker | None) -> bool:
         """May the short path (`handle_request`) serve this request? No per-request options or ambient deadline, a bytes
         body, no telemetry to record, and a closed breaker (the transport's own configuration
         was checked once, in ``_direct_ok``)."""
-        breaker = host.breaker
         return (
             (breaker is None or (breaker._plain and breaker._rt.state is CLOSED))
             and not request.extensions.get("resilient")
@@ -1548,7 +1628,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _resumed(
         self,
-        host: _Host,
+        host: _Host | None,
         idempotent: bool,
         timeouts: dict[str, float | None] | None,
         delay: float | None,
@@ -1772,11 +1852,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """Give the caller back the request it sent: httpx uses ``response.request`` for
         redirects and cookies, which must stay on the service, not on one replica."""
         assert call.logical is not None
-        request.url = call.logical
-        if call.logical_host is None:
+        ResilientTransport._unroute_to(request, call.logical, call.logical_host)
+
+    @staticmethod
+    def _unroute_to(request: httpx.Request, logical: httpx.URL, logical_host: str | None) -> None:
+        request.url = logical
+        if logical_host is None:
             request.headers.pop("Host", None)
         else:
-            request.headers["Host"] = call.logical_host
+            request.headers["Host"] = logical_host
         request.extensions.pop("sni_hostname", None)
 
     def _guarded(self, request: httpx.Request, call: _Call) -> httpx.Response:
@@ -1787,8 +1871,22 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if gen == REJECTED:
             _yield_gil()
             return self._shed(request, call, guard)
+        return self._guarded_from(request, call, guard, gen)
+
+    def _guarded_from(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        guard: CircuitBreaker | None,
+        gen: int,
+        first: httpx.Response | Exception | None = None,
+    ) -> httpx.Response:
+        """`_loop` under the service breaker's permit ``gen`` (taken), its outcome judged.
+        ``first``: the first attempt's outcome, when the short path made it."""
+        if guard is None:
+            return self._loop(request, call, first)
         try:
-            response = self._loop(request, call)
+            response = self._loop(request, call, first)
         except Exception as exc:
             guard._failure(gen, 0.0, exc)
             raise
@@ -1932,7 +2030,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         url = request.url
         host = self._hosts.get((url.raw_host, url.port))
         inner = self._async_inner
-        if host is None or inner is None or not self._plain_request(request, host):
+        if host is None or inner is None or not self._plain_request(request, host.breaker):
             return await self._handle_async(request)
         budget = self.budget
         if budget is not None:

@@ -9,6 +9,7 @@ small bounded amounts.
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -25,7 +26,6 @@ import pytest
 import resilient as rs
 from resilient.balancing import PowerOfTwo, ReplicaStatistics, Service
 from resilient.discovery import Static
-from resilient.http import _transport as _transport_module
 from resilient.testing import FakeClock, Fleet
 from resilient.testing import Replica as FleetReplica
 
@@ -67,7 +67,10 @@ class Sent:
     def __init__(self, request: httpx.Request) -> None:
         self.url = request.url
         self.headers = request.headers.copy()
-        self.extensions = dict(request.extensions)
+        # (The timeouts dict too: the transport restores a hedge's read cut in place.)
+        self.extensions = {
+            k: dict(v) if isinstance(v, dict) else v for k, v in request.extensions.items()
+        }
         self.request_id = self.headers.get("x-request-id")
 
 
@@ -245,31 +248,31 @@ def test_a_replica_url_with_a_path_prefix_keeps_it(fleet: Fleet) -> None:
     assert body["path"] == "/api/v1/items"
 
 
-def test_replica_urls_are_made_once_and_never_mixed_up(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The transport keeps the replica URL it made for each (replica, logical URL); the same
-    # request again reuses it, and a different path, query or replica never gets another's.
+def test_replica_urls_are_never_mixed_up_and_nothing_is_kept_per_path(fleet: Fleet) -> None:
+    # Each request goes to its own path and query on the replica chosen; a different path, query
+    # or replica never gets another's. Paths that carry ids are all different: the transport
+    # must keep nothing per path (an earlier cache of routed URLs kept every one).
     inner = Recording()
     t = transport(fleet, inner)
-    logical = [f"http://orders/{path}" for path in ("a", "a?q=1", "b", "a?q=2")]
+    logical = [f"http://orders/{path}" for path in ("a", "a?q=1", "b", "a?q=2", "")]
     with httpx.Client(transport=t, timeout=5.0) as client:
         for _ in range(3):
             for url in logical:
                 assert client.get(url).status_code == 200
         for sent, url in zip(inner.sent, logical * 3, strict=True):
-            assert sent.url.path + ("?" + sent.url.query.decode() if sent.url.query else "") == (
-                url.removeprefix("http://orders")
-            )
+            expected = url.removeprefix("http://orders") or "/"
+            assert sent.url.raw_path.decode() == expected
             assert sent.url.port in {r.port for r in fleet}
-        assert len(t._routed) <= len(logical) * len(fleet)
-        routed = dict(t._routed)
-        for sent in inner.sent:  # each one of the URLs kept, not one made again
-            assert any(sent.url is url for url in routed.values())
-        monkeypatch.setattr(_transport_module, "_ROUTED_MAX", 2)
-        for path in ("/c", "/d", "/e", "/f"):  # a full table starts again, and still routes right
-            assert client.get(f"http://orders{path}").json()["path"] == path
-            assert len(t._routed) <= 2
+            assert sent.headers["Host"] == f"127.0.0.1:{sent.url.port}"
+    with httpx.Client(transport=transport(fleet), timeout=5.0) as client:
+        for i in range(50):  # warm up whatever is made once
+            client.get(f"http://orders/items/{i}")
+        gc.collect()
+        before = len(gc.get_objects())
+        for i in range(2000):
+            assert client.get(f"http://orders/items/{i}?v={i}").json()["path"] == f"/items/{i}"
+        gc.collect()
+        assert len(gc.get_objects()) - before < 500
 
 
 def test_other_hosts_pass_through_untouched(fleet: Fleet) -> None:
@@ -619,6 +622,135 @@ def test_the_first_request_does_not_charge_the_transports_start_up_to_its_replic
     (replica,) = stats(t)
     assert replica.successes == 1
     assert replica.ewma_ms == 0.0
+
+
+# -- the short path ----------------------------------------------------------------------------------------
+# Once the inner transport is built, a plain request to a service (no per-request options, a bytes
+# body, closed breakers) has its replica chosen and its first attempt made on a short path
+# (`ResilientTransport._service_direct`); anything but a good answer goes on the whole way.
+
+
+class WholePath:
+    """Counts the requests that take the whole path (`ResilientTransport._handle`)."""
+
+    def __init__(self, t: rs.ResilientTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = t._handle
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            self.count += 1
+            return original(request)
+
+        monkeypatch.setattr(t, "_handle", handle)
+
+
+def test_service_requests_take_the_short_path(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Recording()
+    t = transport(fleet, inner, hedge=rs.http.Hedging(delay=0.5))
+    whole = WholePath(t, monkeypatch)
+    runtime = t._services["orders"]
+    with httpx.Client(transport=t, timeout=httpx.Timeout(5.0)) as client:
+        client.get("http://orders/first")  # builds the inner transport: the whole path
+        assert whole.count == 1
+        responses = [client.get(f"http://orders/items/{i}?q={i}") for i in range(6)]
+        responses.append(client.post("http://orders/orders", content=b"x"))
+        assert whole.count == 1
+        for i, response in enumerate(responses):
+            assert response.status_code == 200
+            assert response.extensions["resilient"] == {"attempts": 1, "stale": False}
+            # The caller gets its request back as it sent it: the service's URL and Host.
+            assert response.request.url.host == "orders"
+            assert response.request.headers["Host"] == "orders"
+            assert "sni_hostname" not in response.request.extensions
+            # The hedge's read cut (0.5 s) was undone before the body was read.
+            assert response.request.extensions["timeout"]["read"] == 5.0
+            if i < 6:
+                assert response.json()["path"] == f"/items/{i}"
+        for sent in inner.sent[1:]:  # each replica was sent its own Host; GETs with the cut
+            assert sent.headers["Host"] == f"127.0.0.1:{sent.url.port}"
+        assert [s.extensions["timeout"]["read"] for s in inner.sent[1:]] == [0.5] * 6 + [5.0]
+        assert sum(s.successes for s in stats(t)) == 8
+        assert all(s.in_flight == 0 for s in stats(t))
+        assert runtime.breaker is not None
+        assert runtime.breaker.metrics()["calls"] == 8
+        replica_calls = sum(
+            r.breaker.metrics()["calls"] for r in runtime.replicas if r.breaker is not None
+        )
+        assert replica_calls == 8
+        # What the short path leaves out sends a request the whole way:
+        client.get("http://orders/x", extensions={"resilient": {"attempts": 2}})
+        client.put("http://orders/x", content=iter([b"streamed"]))
+        rs.Timeout(5.0)(lambda: client.get("http://orders/x"))()  # an ambient deadline
+        assert whole.count == 4
+        runtime.breaker.open()
+        with pytest.raises(rs.CircuitOpenError):
+            client.get("http://orders/x")
+        assert whole.count == 5
+    assert fleet.counts().total == 11
+
+
+def test_on_the_short_path_a_refused_connection_fails_over_and_a_post_arrives_once(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Recording()
+    t = transport(
+        fleet, inner, service=Service(discovery=Static(fleet.urls), balancer=seeded_p2c())
+    )
+    whole = WholePath(t, monkeypatch)
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        client.get("http://orders/first")
+        fleet[0].kill()
+        responses = [
+            client.post("http://orders/orders", json={}, headers={"X-Request-Id": f"once-{i}"})
+            for i in range(12)
+        ]
+    assert whole.count == 1  # every POST began on the short path
+    assert {r.status_code for r in responses} == {200}
+    assert {r.request.url.host for r in responses} == {"orders"}
+    assert fleet.counts().by_key == {f"once-{i}": 1 for i in range(12)}
+    moved = [r for r in responses if r.extensions["resilient"]["attempts"] > 1]
+    assert moved  # some first went to the dead replica, and were sent again by the whole loop
+    for i in range(12):
+        ports = inner.attempts_of(f"once-{i}")
+        assert ports[-1] != fleet[0].port and len(ports) == len(set(ports))
+
+
+class Interrupting(Recording):
+    """Raises KeyboardInterrupt (a BaseException, as a cancellation is) once, when armed."""
+
+    armed = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().handle_request(request)
+
+
+def test_an_interrupted_short_path_attempt_gives_everything_back(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = Interrupting()
+    t = transport(fleet, inner)
+    whole = WholePath(t, monkeypatch)
+    runtime = t._services["orders"]
+    assert runtime.breaker is not None
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        client.get("http://orders/first")
+        before = [r.breaker.metrics()["calls"] for r in runtime.replicas if r.breaker]
+        inner.armed = True
+        request = client.build_request("GET", "http://orders/items")
+        with pytest.raises(KeyboardInterrupt):
+            client.send(request)
+        assert whole.count == 1  # it was on the short path
+        assert request.url == httpx.URL("http://orders/items")  # routed back to the service
+        assert request.headers["Host"] == "orders"
+        assert all(s.in_flight == 0 for s in stats(t))
+        assert [r.breaker.metrics()["calls"] for r in runtime.replicas if r.breaker] == before
+        assert runtime.breaker.metrics()["calls"] == 1  # the interrupted request counts nothing
+        assert client.get("http://orders/after").status_code == 200
 
 
 # -- what the caller sees: the request object after routing ------------------------------------------
