@@ -585,7 +585,7 @@ def test_thread_runner_kill_and_restart(fleet: Fleet) -> None:
         assert checker.status(b) != "unhealthy"
         assert health_threads()
     assert health_threads() == []
-    assert set(threading.enumerate()) == before
+    assert set(threading.enumerate()) - before == set()  # (threads of earlier tests may end)
     probes = fleet[1].counts().health_checks
     time.sleep(0.2)
     assert fleet[1].counts().health_checks == probes  # closed means no more probes

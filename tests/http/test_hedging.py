@@ -30,7 +30,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 import resilient as rs
 from resilient.balancing import LatencyWindow
 from resilient.events import Event, HedgeLaunched
-from resilient.http import Hedging
+from resilient.http import Hedging, _transport
 from resilient.testing import FakeClock, Fleet
 from tests.http.conftest import wait_until_async
 
@@ -653,6 +653,68 @@ async def test_without_threads_or_trio_a_slow_first_attempt_is_abandoned_not_rac
     else:
         assert attempt_of(response) == 1  # the primary was given up at 0.05 s
         assert elapsed >= 0.35
+
+
+class SlowStart(Scripted):
+    """`Scripted`, but request ``slow`` waits ``start`` seconds before it is sent: the time a busy
+    client spends taking a connection from the pool and writing the request."""
+
+    def __init__(self, script: Callable[[int], Fault | None], slow: int, start: float) -> None:
+        super().__init__(script)
+        self.slow, self.start = slow, start
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.sent == self.slow:
+            time.sleep(self.start)
+        return super().handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.sent == self.slow:
+            await anyio.sleep(self.start)
+        return await super().handle_async_request(request)
+
+
+@ALL_MODES
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["first request", "known host", "deadline"])
+async def test_the_hedge_is_due_its_delay_after_the_attempt_began_not_after_it_was_sent(
+    fleet: Fleet, mode: Mode, path: str
+) -> None:
+    # The delay is learned from whole attempts, so it counts from the attempt's start. httpcore
+    # reads the read timeout only once the request is written: a cut fixed at the delay would
+    # hedge an attempt that took 0.3 s to send at 0.8 s, after its own answer (0.7 s) came.
+    slow = 0 if path == "first request" else 1
+    inner = SlowStart(lambda n: Fault(delay=0.4) if n == slow else None, slow, start=0.3)
+    events = Events()
+    options: dict[str, Any] = {"deadline": 5.0} if path == "deadline" else {}
+    transport = make(inner, Hedging(delay=0.5), events, **options)
+    async with Harness(mode, transport) as h:
+        if slow:
+            assert attempt_of(await h.get(fleet.urls[0] + "/items")) == 0
+        start = time.perf_counter()
+        response = await h.get(fleet.urls[0] + "/items")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200
+    assert events.hedges == [HedgeLaunched("http", 1, 0.5)]
+    assert attempt_of(response) == slow + 1  # the hedge answered first
+    assert 0.5 <= elapsed < 0.7
+    # The body got the request's own read timeout (with a deadline: the time left).
+    assert 4.0 < response.request.extensions["timeout"]["read"] <= 5.0
+
+
+def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
+    clock = FakeClock()
+    cut = _transport._ReadCut({"connect": 1.0, "read": 5.0}, 0.25, clock)
+    assert cut.get("read") == 0.25 and cut["read"] == 0.25  # a plain reader sees the delay
+    assert cut.get("connect") == 1.0 and cut.get("pool") is None and cut.get("pool", 2) == 2
+    clock.advance(0.2)
+    assert cut.get("read") == pytest.approx(0.05)
+    clock.advance(1.0)  # sent after the hedge was due: the shortest wait, not a zero timeout
+    assert cut.get("read") == _transport._MIN_CUT > 0
+    cut.restore(5.0)
+    assert cut.get("read") == 5.0 == cut["read"]
+    assert dict(cut) == {"connect": 1.0, "read": 5.0}
+    assert _transport._ReadCut(None, 0.1, clock) == {"read": 0.1}
 
 
 # --- the short path: a host already seen ---------------------------------------------------------
