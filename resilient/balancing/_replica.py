@@ -92,15 +92,19 @@ class Replica:
         # What routing needs, without keeping an httpx.URL (a third of a replica's memory):
         # scheme, host (as parsed: IDNA-encoded, IPv6 without brackets), port, path prefix
         # (percent-encoded), and the Host header value.
+        host = base.host
+        raw_host = base.raw_host.decode("ascii")
+        if raw_host == host:
+            raw_host = host  # one string rather than two: ~60 bytes of a replica's 2 KB budget
         self.route: tuple[str, str, int | None, str, str] = (
             base.scheme,
-            base.raw_host.decode("ascii"),
+            raw_host,
             base.port,
             base.raw_path.partition(b"?")[0].decode("ascii").rstrip("/"),
             base.netloc.decode("ascii"),
         )
         self.attributes: dict[str, str | int] = {
-            "server.address": base.host,
+            "server.address": host,
             "server.port": port,
         }
         self.breaker = breaker

@@ -79,6 +79,9 @@ def test_membership_and_memory_are_measured(report: dict[str, Any]) -> None:
     parts = memory["replica"]["bytes"] + memory["breaker"]["bytes"] + memory["rest"]["bytes"]
     assert parts == pytest.approx(memory["service_replica"]["bytes"])
     assert memory["window"]["bytes"] < memory["breaker"]["bytes"]
+    # Bytes counted by tracemalloc do not depend on machine load, so the suite holds the memory
+    # target (issue #4) itself: a field added to a replica or its breaker shows up here.
+    assert memory["service_replica"]["bytes"] <= 2048
 
 
 @pytest.mark.slow
