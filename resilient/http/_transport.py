@@ -1492,10 +1492,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if idempotent and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
-                read = own.get("read") if own else None
-                if read is None or delay < read:  # the read cut of `_hedged`
-                    cut = _ReadCut(own, delay, self._clock)
-                    request.extensions = {**request.extensions, "timeout": cut}
+                read, cut = self._cut_read(request, own, delay)
         clock = self._clock
         started = clock.monotonic()
         failed: Exception | None = None
@@ -1566,10 +1563,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if idempotent and self.hedge is not None:
             delay = latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
-                read = own.get("read") if own else None
-                if read is None or delay < read:  # the read cut of `_hedged`
-                    cut = _ReadCut(own, delay, self._clock)
-                    request.extensions = {**request.extensions, "timeout": cut}
+                read, cut = self._cut_read(request, own, delay)
         replica.in_flight += 1
         clock = self._clock
         started = clock.monotonic()
@@ -1663,6 +1657,18 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             and _metrics_internal._METER_PROVIDER is None
             and (trace._TRACER_PROVIDER is None if _PROVIDER_KNOWN else not _tracing_installed())
         )
+
+    def _cut_read(
+        self, request: httpx.Request, own: dict[str, float | None] | None, delay: float
+    ) -> tuple[float | None, _ReadCut | None]:
+        """The read cut of `_hedged` for a first attempt on a short path: the request's own read
+        timeout, and the cut now set on the request (None if its own timeout is the shorter)."""
+        read = own.get("read") if own else None
+        if read is not None and delay >= read:
+            return read, None
+        cut = _ReadCut(own, delay, self._clock)
+        request.extensions = {**request.extensions, "timeout": cut}
+        return read, cut
 
     def _resumed(
         self,
@@ -2092,10 +2098,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         watch = host.watch_on(loop)
                     task = watch.add(loop, self, request, host, delay)
                 else:  # trio: the read cut, as sync
-                    read = own.get("read") if own else None
-                    if read is None or delay < read:
-                        cut = _ReadCut(own, delay, self._clock)
-                        request.extensions = {**request.extensions, "timeout": cut}
+                    read, cut = self._cut_read(request, own, delay)
         clock = self._clock
         started = clock.monotonic()
         failed: BaseException | None = None
