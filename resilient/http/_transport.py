@@ -60,9 +60,6 @@ from resilient.policies.timeout import loop_timer
 
 __all__ = ["Hedging", "ResilientTransport"]
 
-#: The shortest read cut, when an attempt took its whole hedge delay to be sent.
-_MIN_CUT = 0.001
-
 _get_running_loop = asyncio.events._get_running_loop  # None outside asyncio (e.g. under trio)
 
 
@@ -77,8 +74,6 @@ def _yield_gil() -> None:
 
 
 _DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
-
-#: Replica URLs `ResilientTransport._route` keeps (then it starts again): ~1 MB at most.
 
 #: Keys accepted in ``request.extensions["resilient"]``.
 _OPTION_KEYS = frozenset({"attempts", "deadline", "hedge", "idempotent", "retry"})
@@ -232,40 +227,61 @@ class _ReleaseOnClose(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 class _ReadCut(dict[str, "float | None"]):
     """An attempt's httpx timeouts with the read cut for a hedge: due ``delay`` after the attempt
-    began, as the delay was learned (from whole attempts).
+    began, as the delay was learned (from whole attempts), but never less than half the delay
+    after the request was written.
 
     httpcore reads the read timeout (``timeouts.get("read")``) when it starts waiting for the
     answer: after a connection was taken from the pool and the request written, which on a busy
     client takes milliseconds (1.6 ms at the median in the tail benchmark, 4 ms at p90). A fixed
-    value would hedge that much later than the delay; ``get`` answers the time left instead, at
-    least `_MIN_CUT` (a zero timeout makes a socket non-blocking: an error, not a timeout).
+    value would hedge that much later than the delay; ``get`` answers the time left instead. The
+    floor is for the replica: an abandoned attempt counts against it (it is the evidence against
+    one that accepts and never answers), and a request that waited long for a pool connection or
+    a handshake must not be given up, and blamed on the replica, a moment after it was sent.
     Other readers (``[...]``, ``dict(...)``) see the delay itself, the cut as it was before.
+    ``own`` keeps the request's own timeouts, put back by `_uncut` when the request fails.
 
     Example::
 
         cut = _ReadCut({"read": 5.0}, 0.01, clock)
-        cut.get("read")  # 0.01 less the time since it was made
+        cut.get("read")  # 0.01 less the time since it was made, at least 0.005
         cut.restore(5.0)  # the headers came in time: the body gets the request's own
     """
 
-    __slots__ = ("due", "now")
+    __slots__ = ("due", "floor", "now", "own")
 
-    def __init__(self, own: Mapping[str, float | None] | None, delay: float, clock: Clock) -> None:
+    def __init__(self, own: dict[str, float | None] | None, delay: float, clock: Clock) -> None:
+        if type(own) is _ReadCut:  # a request sent again after it failed with its cut on
+            own = own.own
         super().__init__(own or ())
         self["read"] = delay
+        self.own: dict[str, float | None] | None = own
+        self.floor = delay * 0.5
         self.now = clock.monotonic
         self.due: float | None = self.now() + delay
 
     def get(self, key: str, default: Any = None) -> Any:
         due = self.due
         if due is not None and key == "read":
-            return max(due - self.now(), _MIN_CUT)
+            return max(due - self.now(), self.floor)
         return dict.get(self, key, default)
 
     def restore(self, read: float | None) -> None:
         """The answer came in time: from now on the read timeout is ``read``."""
         self.due = None
         self["read"] = read
+
+
+def _uncut(request: httpx.Request) -> None:
+    """Give a request that failed its own timeouts back, if an attempt's read cut is on it (the
+    caller may send the same request object again)."""
+    extensions = request.extensions
+    cut = extensions.get("timeout")
+    if type(cut) is _ReadCut:
+        # (Our own copy of the extensions, made when the cut was set: changed in place.)
+        if cut.own is None:
+            del extensions["timeout"]
+        else:
+            extensions["timeout"] = cut.own
 
 
 class _Call:
@@ -1471,12 +1487,16 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not self._direct_sync_ok:
             return self._handle(request)
         url = request.url
-        host = self._hosts.get((url.raw_host, url.port))
         inner = self._sync_inner
-        if host is None and inner is not None and url.port is None and self._services:
+        if self._services and url.port is None:
+            # A service first: its name may also be in `_hosts` (`breaker_for`, telemetry of a
+            # refusal), and must never be sent to as a host.
             service = self._services.get(url.host)
             if service is not None:
+                if inner is None:
+                    return self._handle(request)
                 return self._service_direct(request, service, inner)
+        host = self._hosts.get((url.raw_host, url.port))
         if host is None or inner is None or not self._plain_request(request, host.breaker):
             return self._handle(request)
         budget = self.budget
@@ -1503,6 +1523,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except BaseException:
             if breaker is not None:
                 breaker._release(gen)
+            _uncut(request)
             raise
         if failed is not None:
             call = self._resumed(host, idempotent, own, delay, read, cut is not None)
@@ -1534,7 +1555,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         first attempt made here, with only the work of `_begin`, `_guarded`, `_choose` and the
         attempt that it needs. Taken while the service's breaker and the chosen replica's are
         closed; anything but a good answer goes on in `_guarded_from` exactly as if `_handle`
-        had started it."""
+        had started it. However it ends, the caller gets its request back as it sent it."""
         guard = service.breaker
         if (guard is not None and not (guard._plain and guard._rt.state is CLOSED)) or (
             not self._plain_request(request, None)
@@ -1545,7 +1566,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if replica is None or (
             breaker is not None and not (breaker._plain and breaker._rt.state is CLOSED)
         ):
-            return self._handle(request)  # no replica, or its permit is not a formality
+            # No replica, or its permit is not a formality (half-open, or panic): the whole
+            # path picks again, the way it picks a replica that refuses a permit.
+            return self._handle(request)
         budget = self.budget
         if budget is not None:
             budget.deposit()
@@ -1554,67 +1577,66 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         logical = request.url
         logical_host = request.headers.get("Host")
         self._route(request, logical, replica, service)
-        own = request.extensions.get("timeout")
-        idempotent = self.classifier.is_idempotent(request)
-        latency = service.latency
-        delay: float | None = None
-        read: float | None = None
-        cut: _ReadCut | None = None
-        if idempotent and self.hedge is not None:
-            delay = latency.learned if self._learn is not None else self._fixed_delay
-            if delay is not None:
-                read, cut = self._cut_read(request, own, delay)
-        replica.in_flight += 1
-        clock = self._clock
-        started = clock.monotonic()
-        failed: Exception | None = None
         try:
-            response = inner.handle_request(request)
-        except Exception as exc:
-            failed = exc  # handled below, outside this block: later errors are not its context
-        except BaseException:
-            replica.in_flight -= 1
-            if breaker is not None:
-                breaker._release(gen)
-            if guard is not None:
-                guard._release(guard_gen)
-            self._unroute_to(request, logical, logical_host)
-            raise
-        if failed is None:
-            status = response.status_code
-            classifier = self.classifier
-            if status < self._good_below or not (
-                status in classifier.retry_statuses or classifier.is_failure(status)
-            ):
-                if cut is not None:
-                    cut.restore(read)  # as `_restore_read`
-                duration = clock.monotonic() - started
+            own = request.extensions.get("timeout")
+            idempotent = self.classifier.is_idempotent(request)
+            latency = service.latency
+            delay: float | None = None
+            read: float | None = None
+            cut: _ReadCut | None = None
+            if idempotent and self.hedge is not None:
+                delay = latency.learned if self._learn is not None else self._fixed_delay
+                if delay is not None:
+                    read, cut = self._cut_read(request, own, delay)
+            replica.in_flight += 1
+            clock = self._clock
+            started = clock.monotonic()
+            failed: Exception | None = None
+            try:
+                response = inner.handle_request(request)
+            except Exception as exc:
+                failed = exc  # handled below, outside this block: later errors are not its context
+            except BaseException:
                 replica.in_flight -= 1
-                replica.successes += 1
-                replica.observe(duration, started + duration)
-                if self._learn is not None:
-                    latency.add(duration)
                 if breaker is not None:
-                    breaker._fast_success(gen)
+                    breaker._release(gen)
                 if guard is not None:
-                    guard._fast_success(guard_gen)
-                self._unroute_to(request, logical, logical_host)
-                response.extensions["resilient"] = {"attempts": 1, "stale": False}
-                return response
-        call = self._resumed(None, idempotent, own, delay, read, cut is not None)
-        call.service = service
-        call.logical = logical
-        call.logical_host = logical_host
-        call.tried = (replica,)
-        attempt = (breaker, gen, None, latency, replica, started)
-        if failed is not None:
-            self._attempt_failed(attempt, call, failed)
-        else:
-            self._attempt_answered(attempt, call, response)
-        try:
+                    guard._release(guard_gen)
+                _uncut(request)
+                raise
+            if failed is None:
+                status = response.status_code
+                classifier = self.classifier
+                if status < self._good_below or not (
+                    status in classifier.retry_statuses or classifier.is_failure(status)
+                ):
+                    if cut is not None:
+                        cut.restore(read)  # as `_restore_read`
+                    duration = clock.monotonic() - started
+                    replica.in_flight -= 1
+                    replica.successes += 1
+                    replica.observe(duration, started + duration)
+                    if self._learn is not None:
+                        latency.add(duration)
+                    if breaker is not None:
+                        breaker._fast_success(gen)
+                    if guard is not None:
+                        guard._fast_success(guard_gen)
+                    response.extensions["resilient"] = {"attempts": 1, "stale": False}
+                    return response
+            call = self._resumed(None, idempotent, own, delay, read, cut is not None)
+            call.service = service
+            call.logical = logical
+            call.logical_host = logical_host
+            call.tried = (replica,)
+            attempt = (breaker, gen, None, latency, replica, started)
+            if failed is not None:
+                self._attempt_failed(attempt, call, failed)
+            else:
+                self._attempt_answered(attempt, call, response)
             return self._guarded_from(request, call, guard, guard_gen, failed or response)
         finally:
-            self._unroute(request, call)
+            self._unroute_to(request, logical, logical_host)
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
@@ -1966,7 +1988,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         first: httpx.Response | Exception | None = None,
     ) -> httpx.Response:
         """Attempts until one answers well or a decision stops them. ``first``: the outcome of
-        the first attempt, when the short path made it."""
+        the first attempt, when the short path made it. A request that fails gets its own
+        timeouts back (`_uncut`)."""
+        try:
+            return self._attempts(request, call, first)
+        except BaseException:
+            _uncut(request)
+            raise
+
+    def _attempts(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        first: httpx.Response | Exception | None,
+    ) -> httpx.Response:
         failure: Exception | None = None
         while True:
             try:
@@ -2072,6 +2107,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not self._direct_async_ok:
             return await self._handle_async(request)
         url = request.url
+        if self._services and url.port is None and url.host in self._services:
+            return await self._handle_async(request)  # a service: see `handle_request`
         host = self._hosts.get((url.raw_host, url.port))
         inner = self._async_inner
         if host is None or inner is None or not self._plain_request(request, host.breaker):
@@ -2116,6 +2153,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 else:
                     self._attempt_cancelled(attempt)
                 if race is None:
+                    _uncut(request)
                     raise failed
                 assert call is not None
                 return await self._loop_async(request, call, failed, race)
@@ -2317,6 +2355,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         race: _AsyncioRace | None = None,
     ) -> httpx.Response:
         """`_loop` for async requests; ``race``: the first attempt's, when it is not over."""
+        try:
+            return await self._attempts_async(request, call, first, race)
+        except BaseException:
+            _uncut(request)
+            raise
+
+    async def _attempts_async(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        first: httpx.Response | BaseException | None,
+        race: _AsyncioRace | None,
+    ) -> httpx.Response:
         failure: Exception | None = None
         while True:
             try:

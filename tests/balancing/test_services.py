@@ -753,6 +753,79 @@ def test_an_interrupted_short_path_attempt_gives_everything_back(
         assert client.get("http://orders/after").status_code == 200
 
 
+def test_a_service_name_the_transport_also_knows_as_a_host_is_still_routed(fleet: Fleet) -> None:
+    # The service's name can reach the transport's table of hosts (breaker_for, the telemetry
+    # of a refusal); a request to the service must still never be sent to it as a host.
+    t = transport(fleet)
+    runtime = t._services["orders"]
+    assert runtime.breaker is not None
+    with httpx.Client(transport=t, timeout=5.0) as client:
+        client.get("http://orders/first")
+        assert t.breaker_for(httpx.URL("http://orders/")) is not None
+        runtime.breaker.open()
+        for _ in range(3):  # refused by the service breaker, each one: nothing is sent
+            with pytest.raises(rs.CircuitOpenError):
+                client.get("http://orders/x")
+        runtime.breaker.reset()
+        assert client.get("http://orders/y").json()["path"] == "/y"
+    assert fleet.counts().total == 2
+
+
+@pytest.mark.anyio
+async def test_an_async_service_name_also_known_as_a_host_is_still_routed(fleet: Fleet) -> None:
+    t = transport(fleet)
+    runtime = t._services["orders"]
+    assert runtime.breaker is not None
+    async with httpx.AsyncClient(transport=t, timeout=5.0) as client:
+        await client.get("http://orders/first")
+        assert t.breaker_for(httpx.URL("http://orders/")) is not None
+        runtime.breaker.open()
+        for _ in range(3):
+            with pytest.raises(rs.CircuitOpenError):
+                await client.get("http://orders/x")
+        runtime.breaker.reset()
+        assert (await client.get("http://orders/y")).json()["path"] == "/y"
+    assert fleet.counts().total == 2
+
+
+def test_a_client_short_of_connections_neither_blames_nor_ejects_healthy_replicas(
+    fleet: Fleet,
+) -> None:
+    # One pool connection for 8 threads: each request waits ~70 ms for it, longer than the
+    # hedge delay (60 ms). The replicas answer in 10 ms: an attempt must not be given up (and
+    # counted against its replica) a moment after it was sent because the wait used its delay.
+    inner = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1))
+    t = rs.ResilientTransport(
+        inner, services={"orders": fleet.urls}, hedge=rs.http.Hedging(delay=0.06), wait=0.0
+    )
+    with httpx.Client(transport=t, timeout=httpx.Timeout(5.0)) as client:
+        client.get("http://orders/first")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(lambda i: client.get(f"http://orders/{i}?delay=0.01"), range(96))
+            )
+    assert {a.status_code for a in answers} == {200}
+    assert all(s.state == "healthy" and s.breaker == "closed" for s in stats(t))
+    assert sum(s.failures for s in stats(t)) <= 3  # an answer late on a busy machine, at most
+
+
+def test_a_failed_request_to_a_service_gets_its_own_timeouts_back() -> None:
+    # The hedge's read cut is put on the request while an attempt runs; a request that fails
+    # must not keep it (the caller may send the same request object again).
+    service = Service(discovery=Static(["http://127.0.0.1:1", "http://127.0.0.1:2"]))
+    t = rs.ResilientTransport(
+        services={"orders": service}, hedge=rs.http.Hedging(delay=0.5), wait=0.0
+    )
+    with httpx.Client(transport=t, timeout=httpx.Timeout(5.0)) as client:
+        for _ in range(2):  # the whole path, then the short path
+            request = client.build_request("GET", "http://orders/x")
+            with pytest.raises(httpx.ConnectError):
+                client.send(request)
+            assert type(request.extensions["timeout"]) is dict
+            assert request.extensions["timeout"]["read"] == 5.0
+            assert request.url == httpx.URL("http://orders/x")
+
+
 # -- what the caller sees: the request object after routing ------------------------------------------
 
 

@@ -702,19 +702,39 @@ async def test_the_hedge_is_due_its_delay_after_the_attempt_began_not_after_it_w
     assert 4.0 < response.request.extensions["timeout"]["read"] <= 5.0
 
 
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_failed_request_gets_its_own_timeouts_back(mode: Mode) -> None:
+    # The read cut is put on the request while an attempt runs; a request that fails must not
+    # keep it (the caller may send the same request object again).
+    transport = rs.ResilientTransport(hedge=Hedging(delay=0.5), wait=0.0)
+    async with Harness(mode, transport) as h:
+        for _ in range(2):  # a new host (the whole path), then a known one (the short path)
+            with pytest.raises(httpx.ConnectError) as caught:
+                await h.get("http://127.0.0.1:1/x")
+            timeouts = caught.value.request.extensions["timeout"]
+            assert type(timeouts) is dict and timeouts["read"] == 5.0
+
+
 def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     clock = FakeClock()
-    cut = _transport._ReadCut({"connect": 1.0, "read": 5.0}, 0.25, clock)
+    own: dict[str, float | None] = {"connect": 1.0, "read": 5.0}
+    cut = _transport._ReadCut(own, 0.25, clock)
     assert cut.get("read") == 0.25 and cut["read"] == 0.25  # a plain reader sees the delay
     assert cut.get("connect") == 1.0 and cut.get("pool") is None and cut.get("pool", 2) == 2
-    clock.advance(0.2)
-    assert cut.get("read") == pytest.approx(0.05)
-    clock.advance(1.0)  # sent after the hedge was due: the shortest wait, not a zero timeout
-    assert cut.get("read") == _transport._MIN_CUT > 0
+    clock.advance(0.1)
+    assert cut.get("read") == pytest.approx(0.15)
+    # Sent after half the delay: the replica still gets half the delay to answer (the pool
+    # wait is not its fault, and an abandoned attempt counts against it).
+    clock.advance(1.0)
+    assert cut.get("read") == 0.125
     cut.restore(5.0)
     assert cut.get("read") == 5.0 == cut["read"]
-    assert dict(cut) == {"connect": 1.0, "read": 5.0}
+    assert dict(cut) == own and cut.own is own
     assert _transport._ReadCut(None, 0.1, clock) == {"read": 0.1}
+    # A request sent again with an earlier attempt's cut on it starts from its own timeouts.
+    again = _transport._ReadCut(_transport._ReadCut(own, 0.1, clock), 0.2, clock)
+    assert again.own is own and dict(again) == {"connect": 1.0, "read": 0.2}
 
 
 # --- the short path: a host already seen ---------------------------------------------------------
