@@ -27,8 +27,9 @@ hedges and their delays, breaker moves, rejections); it observes and changes not
 
 Before each run the harness collects its garbage and freezes its own heap out of the collector
 (``gc.freeze``): by the tail scenario it holds the samples of every earlier run, and each full
-collection walking them stalled all 8 threads of the client under test for 20-45 ms. The client's
-own objects, made during the run, are collected as usual.
+collection walking them stalled all 8 threads of the client under test for 20-45 ms. What the
+client built before the run is frozen with it; the objects it makes while the run lasts are
+collected as usual.
 
 Run::
 
