@@ -719,7 +719,7 @@ async def test_a_failed_request_gets_its_own_timeouts_back(mode: Mode) -> None:
 def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     clock = FakeClock()
     own: dict[str, float | None] = {"connect": 1.0, "read": 5.0}
-    cut = _transport._ReadCut(own, 0.25, clock)
+    cut = _transport._ReadCut.make(own, 0.25, clock.monotonic)
     assert cut.get("read") == 0.25 and cut["read"] == 0.25  # a plain reader sees the delay
     assert cut.get("connect") == 1.0 and cut.get("pool") is None and cut.get("pool", 2) == 2
     clock.advance(0.1)
@@ -731,9 +731,11 @@ def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     cut.restore(5.0)
     assert cut.get("read") == 5.0 == cut["read"]
     assert dict(cut) == own and cut.own is own
-    assert _transport._ReadCut(None, 0.1, clock) == {"read": 0.1}
+    assert _transport._ReadCut.make(None, 0.1, clock.monotonic) == {"read": 0.1}
     # A request sent again with an earlier attempt's cut on it starts from its own timeouts.
-    again = _transport._ReadCut(_transport._ReadCut(own, 0.1, clock), 0.2, clock)
+    again = _transport._ReadCut.make(
+        _transport._ReadCut.make(own, 0.1, clock.monotonic), 0.2, clock.monotonic
+    )
     assert again.own is own and dict(again) == {"connect": 1.0, "read": 0.2}
 
 
