@@ -247,10 +247,9 @@ class _ReadCut(dict[str, "float | None"]):
         cut.restore(5.0)  # the headers came in time: the body gets the request's own
     """
 
-    __slots__ = ("due", "floor", "now", "own")
+    __slots__ = ("due", "now", "own")
 
     due: float | None
-    floor: float
     now: Callable[[], float]
     own: dict[str, float | None] | None
 
@@ -266,7 +265,6 @@ class _ReadCut(dict[str, "float | None"]):
         cut = _ReadCut(own) if own else _ReadCut()
         cut["read"] = delay
         cut.own = own
-        cut.floor = delay * 0.5
         cut.now = now
         cut.due = now() + delay
         return cut
@@ -274,7 +272,7 @@ class _ReadCut(dict[str, "float | None"]):
     def get(self, key: str, default: Any = None) -> Any:
         due = self.due
         if due is not None and key == "read":
-            return max(due - self.now(), self.floor)
+            return max(due - self.now(), (dict.__getitem__(self, "read") or 0.0) * 0.5)
         return dict.get(self, key, default)
 
     def restore(self, read: float | None) -> None:
@@ -1521,12 +1519,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         delay: float | None = None
         read: float | None = None
         cut: _ReadCut | None = None
+        clock = self._clock
+        started = clock.monotonic()
         if idempotent and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
-                read, cut = self._cut_read(request, own, delay)
-        clock = self._clock
-        started = clock.monotonic()
+                read, cut = self._cut_read(request, own, delay, started)
         failed: Exception | None = None
         try:
             response = inner.handle_request(request)
@@ -1552,7 +1550,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             )
             return self._loop(request, call, response)
         if cut is not None:
-            cut.restore(read)  # as `_restore_read`: the body is read with the request's own
+            cut.due = None  # `_ReadCut.restore`, inline: the body is read with the request's own
+            cut["read"] = read
         if self._learn is not None:
             host.latency.add(clock.monotonic() - started)
         if breaker is not None:
@@ -1596,13 +1595,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             delay: float | None = None
             read: float | None = None
             cut: _ReadCut | None = None
+            clock = self._clock
+            started = clock.monotonic()
             if idempotent and self.hedge is not None:
                 delay = latency.learned if self._learn is not None else self._fixed_delay
                 if delay is not None:
-                    read, cut = self._cut_read(request, own, delay)
+                    read, cut = self._cut_read(request, own, delay, started)
             replica.in_flight += 1
-            clock = self._clock
-            started = clock.monotonic()
             failed: Exception | None = None
             try:
                 response = inner.handle_request(request)
@@ -1623,7 +1622,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     status in classifier.retry_statuses or classifier.is_failure(status)
                 ):
                     if cut is not None:
-                        cut.restore(read)  # as `_restore_read`
+                        cut.due = None  # `_ReadCut.restore`, inline
+                        cut["read"] = read
                     duration = clock.monotonic() - started
                     replica.in_flight -= 1
                     replica.successes += 1
@@ -1693,14 +1693,26 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         )
 
     def _cut_read(
-        self, request: httpx.Request, own: dict[str, float | None] | None, delay: float
+        self,
+        request: httpx.Request,
+        own: dict[str, float | None] | None,
+        delay: float,
+        started: float,
     ) -> tuple[float | None, _ReadCut | None]:
-        """The read cut of `_hedged` for a first attempt on a short path: the request's own read
-        timeout, and the cut now set on the request (None if its own timeout is the shorter)."""
+        """The read cut of `_hedged` for a first attempt on a short path, begun at ``started``:
+        the request's own read timeout, and the cut now set on the request (None if its own
+        timeout is the shorter)."""
         read = own.get("read") if own else None
         if read is not None and delay >= read:
             return read, None
-        cut = _ReadCut.make(own, delay, self._clock.monotonic)
+        # `_ReadCut.make`, inline: most requests come this way.
+        if type(own) is _ReadCut:
+            own = own.own
+        cut = _ReadCut(own) if own else _ReadCut()
+        cut["read"] = delay
+        cut.own = own
+        cut.now = self._clock.monotonic
+        cut.due = started + delay
         request.extensions = {**request.extensions, "timeout": cut}
         return read, cut
 
@@ -2137,6 +2149,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         cut: _ReadCut | None = None
         watch: _HedgeWatch | None = None
         task: asyncio.Task[Any] | None = None
+        clock = self._clock
         if idempotent and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
@@ -2147,8 +2160,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         watch = host.watch_on(loop)
                     task = watch.add(loop, self, request, host, delay)
                 else:  # trio: the read cut, as sync
-                    read, cut = self._cut_read(request, own, delay)
-        clock = self._clock
+                    read, cut = self._cut_read(request, own, delay, clock.monotonic())
         started = clock.monotonic()
         failed: BaseException | None = None
         try:
@@ -2191,7 +2203,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             )
             return await self._loop_async(request, call, response, race)
         if cut is not None:
-            cut.restore(read)  # as `_restore_read`
+            cut.due = None  # `_ReadCut.restore`, inline
+            cut["read"] = read
         if self._learn is not None:
             host.latency.add(clock.monotonic() - started)
         if breaker is not None:
