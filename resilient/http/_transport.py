@@ -238,7 +238,6 @@ class _ReadCut(dict[str, "float | None"]):
     one that accepts and never answers), and a request that waited long for a pool connection or
     a handshake must not be given up, and blamed on the replica, a moment after it was sent.
     Other readers (``[...]``, ``dict(...)``) see the delay itself, the cut as it was before.
-    ``own`` keeps the request's own timeouts, put back by `_uncut` when the request fails.
 
     Example::
 
@@ -247,11 +246,10 @@ class _ReadCut(dict[str, "float | None"]):
         cut.restore(5.0)  # the headers came in time: the body gets the request's own
     """
 
-    __slots__ = ("due", "now", "own")
+    __slots__ = ("due", "now")
 
     due: float | None
     now: Callable[[], float]
-    own: dict[str, float | None] | None
 
     @staticmethod
     def make(
@@ -260,11 +258,8 @@ class _ReadCut(dict[str, "float | None"]):
         """The cut of ``delay`` from now (``now``: the clock's monotonic) over the request's own
         timeouts ``own``. (Not ``__init__``: a dict subclass's is twice the cost, on most
         requests.)"""
-        if type(own) is _ReadCut:  # a request sent again with an earlier attempt's cut on
-            own = own.own
         cut = _ReadCut(own) if own else _ReadCut()
         cut["read"] = delay
-        cut.own = own
         cut.now = now
         cut.due = now() + delay
         return cut
@@ -272,7 +267,9 @@ class _ReadCut(dict[str, "float | None"]):
     def get(self, key: str, default: Any = None) -> Any:
         due = self.due
         if due is not None and key == "read":
-            return max(due - self.now(), (dict.__getitem__(self, "read") or 0.0) * 0.5)
+            # (At least 1 ms even for a zero delay: a zero timeout makes the socket non-blocking,
+            # an error rather than a timeout.)
+            return max(due - self.now(), (dict.__getitem__(self, "read") or 0.0) * 0.5, 0.001)
         return dict.get(self, key, default)
 
     def restore(self, read: float | None) -> None:
@@ -281,17 +278,18 @@ class _ReadCut(dict[str, "float | None"]):
         self["read"] = read
 
 
-def _uncut(request: httpx.Request) -> None:
-    """Give a request that failed its own timeouts back, if an attempt's read cut is on it (the
-    caller may send the same request object again)."""
+def _uncut(request: httpx.Request, own: dict[str, float | None] | None) -> None:
+    """Give a request that ends without a good answer (an error, a fallback's answer) the
+    timeouts it was sent with, ``own``, if an attempt's read cut or clipped timeouts are on it:
+    a fallback sees the request as sent, and the caller may send the same request object again.
+    (A good answer keeps the attempt's: its body is read with them.)"""
     extensions = request.extensions
-    cut = extensions.get("timeout")
-    if type(cut) is _ReadCut:
-        # (Our own copy of the extensions, made when the cut was set: changed in place.)
-        if cut.own is None:
-            del extensions["timeout"]
+    if extensions.get("timeout") is not own:
+        # Ours: an attempt's timeouts are only ever set on a copy of the extensions.
+        if own is None:
+            extensions.pop("timeout", None)
         else:
-            extensions["timeout"] = cut.own
+            extensions["timeout"] = own
 
 
 class _Call:
@@ -1533,7 +1531,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except BaseException:
             if breaker is not None:
                 breaker._release(gen)
-            _uncut(request)
+            _uncut(request, own)
             raise
         if failed is not None:
             call = self._resumed(host, idempotent, own, delay, read, cut is not None)
@@ -1613,7 +1611,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     breaker._release(gen)
                 if guard is not None:
                     guard._release(guard_gen)
-                _uncut(request)
+                _uncut(request, own)
                 raise
             if failed is None:
                 status = response.status_code
@@ -1706,11 +1704,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if read is not None and delay >= read:
             return read, None
         # `_ReadCut.make`, inline: most requests come this way.
-        if type(own) is _ReadCut:
-            own = own.own
         cut = _ReadCut(own) if own else _ReadCut()
         cut["read"] = delay
-        cut.own = own
         cut.now = self._clock.monotonic
         cut.due = started + delay
         request.extensions = {**request.extensions, "timeout": cut}
@@ -2017,7 +2012,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         try:
             return self._attempts(request, call, first)
         except BaseException:
-            _uncut(request)
+            _uncut(request, call.timeouts)
             raise
 
     def _attempts(
@@ -2043,6 +2038,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if call.attempt == 1:
                     _yield_gil()  # refused before any I/O
                 self._rejected(request, exc)
+                _uncut(request, call.timeouts)
                 stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
@@ -2055,6 +2051,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
+                    _uncut(request, call.timeouts)
                     stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale
@@ -2150,6 +2147,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         watch: _HedgeWatch | None = None
         task: asyncio.Task[Any] | None = None
         clock = self._clock
+        started = clock.monotonic()
         if idempotent and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
@@ -2160,8 +2158,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         watch = host.watch_on(loop)
                     task = watch.add(loop, self, request, host, delay)
                 else:  # trio: the read cut, as sync
-                    read, cut = self._cut_read(request, own, delay, clock.monotonic())
-        started = clock.monotonic()
+                    read, cut = self._cut_read(request, own, delay, started)
         failed: BaseException | None = None
         try:
             response = await inner.handle_async_request(request)
@@ -2177,7 +2174,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 else:
                     self._attempt_cancelled(attempt)
                 if race is None:
-                    _uncut(request)
+                    _uncut(request, own)
                     raise failed
                 assert call is not None
                 return await self._loop_async(request, call, failed, race)
@@ -2383,7 +2380,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         try:
             return await self._attempts_async(request, call, first, race)
         except BaseException:
-            _uncut(request)
+            _uncut(request, call.timeouts)
             raise
 
     async def _attempts_async(
@@ -2410,6 +2407,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         response = await self._hedged_async(request, call, delay)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
+                _uncut(request, call.timeouts)
                 stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
@@ -2422,6 +2420,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
+                    _uncut(request, call.timeouts)
                     stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale

@@ -716,6 +716,32 @@ async def test_a_failed_request_gets_its_own_timeouts_back(mode: Mode) -> None:
             assert type(timeouts) is dict and timeouts["read"] == 5.0
 
 
+@ALL_MODES
+@pytest.mark.anyio
+@pytest.mark.parametrize("options", [{}, {"attempt_timeout": 1.0}, {"deadline": 2.0}])
+async def test_a_fallback_and_the_caller_see_the_request_as_it_was_sent(
+    mode: Mode, options: dict[str, Any]
+) -> None:
+    # Not the hedge's read cut nor the timeouts clipped to a deadline: the fallback is handed
+    # the request with the timeouts it was sent with, and the caller gets them back.
+    seen: list[Any] = []
+
+    def fallback(request: httpx.Request, outcome: object) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, text="degraded")
+
+    transport = rs.ResilientTransport(
+        hedge=Hedging(delay=0.5), wait=0.0, fallback=fallback, **options
+    )
+    async with Harness(mode, transport) as h:
+        for _ in range(2):  # a new host (the whole path), then a known one (the short path)
+            response = await h.get("http://127.0.0.1:1/x")
+            assert response.text == "degraded"
+            timeouts = response.request.extensions["timeout"]
+            assert type(timeouts) is dict and timeouts["read"] == 5.0
+    assert [dict(t) for t in seen] == [{"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 2.0}] * 2
+
+
 def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     clock = FakeClock()
     own: dict[str, float | None] = {"connect": 1.0, "read": 5.0}
@@ -730,13 +756,10 @@ def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     assert cut.get("read") == 0.125
     cut.restore(5.0)
     assert cut.get("read") == 5.0 == cut["read"]
-    assert dict(cut) == own and cut.own is own
+    assert dict(cut) == own
     assert _transport._ReadCut.make(None, 0.1, clock.monotonic) == {"read": 0.1}
-    # A request sent again with an earlier attempt's cut on it starts from its own timeouts.
-    again = _transport._ReadCut.make(
-        _transport._ReadCut.make(own, 0.1, clock.monotonic), 0.2, clock.monotonic
-    )
-    assert again.own is own and dict(again) == {"connect": 1.0, "read": 0.2}
+    # A zero delay still waits 1 ms: a zero timeout would make the socket non-blocking.
+    assert _transport._ReadCut.make(own, 0.0, clock.monotonic).get("read") == 0.001
 
 
 # --- the short path: a host already seen ---------------------------------------------------------
