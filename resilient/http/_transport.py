@@ -241,7 +241,7 @@ class _ReadCut(dict[str, "float | None"]):
 
     Example::
 
-        cut = _ReadCut.make({"read": 5.0}, 0.01, clock.monotonic)
+        cut = _ReadCut.make({"read": 5.0}, 0.01, clock.monotonic, clock.monotonic())
         cut.get("read")  # 0.01 less the time since it was made, at least 0.005
         cut.restore(5.0)  # the headers came in time: the body gets the request's own
     """
@@ -253,15 +253,18 @@ class _ReadCut(dict[str, "float | None"]):
 
     @staticmethod
     def make(
-        own: dict[str, float | None] | None, delay: float, now: Callable[[], float]
+        own: dict[str, float | None] | None,
+        delay: float,
+        now: Callable[[], float],
+        started: float,
     ) -> _ReadCut:
-        """The cut of ``delay`` from now (``now``: the clock's monotonic) over the request's own
-        timeouts ``own``. (Not ``__init__``: a dict subclass's is twice the cost, on most
-        requests.)"""
+        """The cut of ``delay`` from ``started`` (``now``: the clock's monotonic) over the
+        request's own timeouts ``own``. (Not ``__init__``: a dict subclass's is twice the cost,
+        on most requests.)"""
         cut = _ReadCut(own) if own else _ReadCut()
         cut["read"] = delay
         cut.now = now
-        cut.due = now() + delay
+        cut.due = started + delay
         return cut
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -1091,7 +1094,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if read is None or read_limit < read:
                 call.full_read = read
                 call.shortened = True
-                timeouts = _ReadCut.make(timeouts, read_limit, self._clock.monotonic)
+                now = self._clock.monotonic
+                timeouts = _ReadCut.make(timeouts, read_limit, now, now())
         request.extensions = {**request.extensions, "timeout": timeouts}
 
     # -- decisions -----------------------------------------------------------------------------------
@@ -1188,7 +1192,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _degraded(
         self, request: httpx.Request, call: _Call, outcome: BaseException | httpx.Response
     ) -> httpx.Response | None:
-        """The fallback's answer after every attempt failed, or None."""
+        """The fallback's answer after every attempt failed, or None. After an error the request
+        gets the timeouts it was sent with back first (`_uncut`): the fallback sees it as sent."""
+        if not isinstance(outcome, httpx.Response):
+            _uncut(request, call.timeouts)
         fallback = self.fallback
         if fallback is None:
             return None
@@ -1365,12 +1372,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             call.shortened = False
             own = call.timeouts
             if read_limit is not None:
-                read = own.get("read") if own else None
-                if read is None or read_limit < read:
+                read, cut = self._cut_read(request, own, read_limit, self._clock.monotonic())
+                if cut is not None:
                     call.full_read = read
                     call.shortened = True
-                    cut = _ReadCut.make(own, read_limit, self._clock.monotonic)
-                    request.extensions = {**request.extensions, "timeout": cut}
             elif request.extensions.get("timeout") is not own:  # undo an earlier cut
                 request.extensions = {**request.extensions, "timeout": own}
         else:
@@ -1391,9 +1396,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 span = None
         return (breaker, gen, span, latency, replica, self._clock.monotonic())
 
-    def _attempt_failed(self, attempt: _Attempt, call: _Call, exc: Exception) -> None:
+    def _attempt_failed(self, attempt: _Attempt, call: _Call | None, exc: Exception | None) -> None:
+        """An attempt that raised ``exc``; or, with no ``call`` and no ``exc``, one that lost a
+        race (`_attempt_lost`)."""
         breaker, gen, span, _, replica, started = attempt
-        call.last_duration = duration = self._clock.monotonic() - started
+        duration = self._clock.monotonic() - started
+        if call is not None:
+            call.last_duration = duration
         if span is not None:
             self._span_outcome(span, None, exc)
             span.end()
@@ -1402,7 +1411,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             replica.failures += 1
             replica.observe_failure(duration, started + duration)
         if breaker is not None and gen != REJECTED:
-            if self.classifier.exception_kind(exc) == "not_retryable":
+            if exc is not None and self.classifier.exception_kind(exc) == "not_retryable":
                 breaker._release(gen)
             else:
                 # (Also an attempt given up by the hedge's read cut: slower than the service's
@@ -1415,16 +1424,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         given up by the sync read cut does: it is the only evidence against a replica that
         accepts and never answers, which would otherwise stay in the choice, each request to it
         costing a hedge."""
-        breaker, gen, span, _, replica, started = attempt
-        duration = self._clock.monotonic() - started
-        if span is not None:
-            span.end()
-        if replica is not None:
-            replica.in_flight -= 1
-            replica.failures += 1
-            replica.observe_failure(duration, started + duration)
-        if breaker is not None and gen != REJECTED:
-            breaker._failure(gen, duration, None)
+        self._attempt_failed(attempt, None, None)
 
     @staticmethod
     def _attempt_cancelled(attempt: _Attempt) -> None:
@@ -1548,8 +1548,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             )
             return self._loop(request, call, response)
         if cut is not None:
-            cut.due = None  # `_ReadCut.restore`, inline: the body is read with the request's own
-            cut["read"] = read
+            cut.restore(read)  # as `_restore_read`: the body is read with the request's own
         if self._learn is not None:
             host.latency.add(clock.monotonic() - started)
         if breaker is not None:
@@ -1620,8 +1619,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     status in classifier.retry_statuses or classifier.is_failure(status)
                 ):
                     if cut is not None:
-                        cut.due = None  # `_ReadCut.restore`, inline
-                        cut["read"] = read
+                        cut.restore(read)  # as `_restore_read`
                     duration = clock.monotonic() - started
                     replica.in_flight -= 1
                     replica.successes += 1
@@ -1697,17 +1695,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         delay: float,
         started: float,
     ) -> tuple[float | None, _ReadCut | None]:
-        """The read cut of `_hedged` for a first attempt on a short path, begun at ``started``:
-        the request's own read timeout, and the cut now set on the request (None if its own
-        timeout is the shorter)."""
+        """The read cut of `_hedged` for an attempt begun at ``started``: the request's own read
+        timeout, and the cut now set on the request (None if its own timeout is the shorter)."""
         read = own.get("read") if own else None
         if read is not None and delay >= read:
             return read, None
-        # `_ReadCut.make`, inline: most requests come this way.
-        cut = _ReadCut(own) if own else _ReadCut()
-        cut["read"] = delay
-        cut.now = self._clock.monotonic
-        cut.due = started + delay
+        cut = _ReadCut.make(own, delay, self._clock.monotonic, started)
         request.extensions = {**request.extensions, "timeout": cut}
         return read, cut
 
@@ -2038,7 +2031,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if call.attempt == 1:
                     _yield_gil()  # refused before any I/O
                 self._rejected(request, exc)
-                _uncut(request, call.timeouts)
                 stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
@@ -2051,7 +2043,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
-                    _uncut(request, call.timeouts)
                     stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale
@@ -2200,8 +2191,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             )
             return await self._loop_async(request, call, response, race)
         if cut is not None:
-            cut.due = None  # `_ReadCut.restore`, inline
-            cut["read"] = read
+            cut.restore(read)  # as `_restore_read`
         if self._learn is not None:
             host.latency.add(clock.monotonic() - started)
         if breaker is not None:
@@ -2407,7 +2397,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                         response = await self._hedged_async(request, call, delay)
             except CircuitOpenError as exc:
                 self._rejected(request, exc)
-                _uncut(request, call.timeouts)
                 stale = self._degraded(request, call, exc)
                 if stale is not None:
                     return stale
@@ -2420,7 +2409,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
-                    _uncut(request, call.timeouts)
                     stale = self._degraded(request, call, exc)
                     if stale is not None:
                         return stale

@@ -745,7 +745,7 @@ async def test_a_fallback_and_the_caller_see_the_request_as_it_was_sent(
 def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     clock = FakeClock()
     own: dict[str, float | None] = {"connect": 1.0, "read": 5.0}
-    cut = _transport._ReadCut.make(own, 0.25, clock.monotonic)
+    cut = _transport._ReadCut.make(own, 0.25, clock.monotonic, clock.monotonic())
     assert cut.get("read") == 0.25 and cut["read"] == 0.25  # a plain reader sees the delay
     assert cut.get("connect") == 1.0 and cut.get("pool") is None and cut.get("pool", 2) == 2
     clock.advance(0.1)
@@ -757,9 +757,9 @@ def test_a_read_cut_answers_the_time_left_until_its_hedge_is_due() -> None:
     cut.restore(5.0)
     assert cut.get("read") == 5.0 == cut["read"]
     assert dict(cut) == own
-    assert _transport._ReadCut.make(None, 0.1, clock.monotonic) == {"read": 0.1}
+    assert _transport._ReadCut.make(None, 0.1, clock.monotonic, 0.0) == {"read": 0.1}
     # A zero delay still waits 1 ms: a zero timeout would make the socket non-blocking.
-    assert _transport._ReadCut.make(own, 0.0, clock.monotonic).get("read") == 0.001
+    assert _transport._ReadCut.make(own, 0.0, clock.monotonic, 0.0).get("read") == 0.001
 
 
 # --- the short path: a host already seen ---------------------------------------------------------
