@@ -152,7 +152,14 @@ class Replica:
 
         The latency decays with the time since it was last measured, so a replica that answered
         slowly once is measured again later rather than never chosen again.
+
+        A replica whose ejection time is over costs nothing while idle: the next pick that draws
+        it sends its probe at once, rather than once the slow answers that ejected it (a frozen
+        replica's timeouts) have decayed. Not while ejected, so panic mode, which may choose
+        ejected replicas, still prefers the fast ones.
         """
+        if self.ejected and self.ejected_until <= now and not self.in_flight:
+            return 0.0
         if self._stamp < 0:
             # Never measured: free while idle (so it gets measured), expensive once requests
             # wait on it (Finagle's penalty), so a new or always-failing replica is not flooded.

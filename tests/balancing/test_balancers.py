@@ -628,6 +628,48 @@ def test_a_replica_is_ejected_when_its_breaker_opens_and_probed_when_its_time_is
     assert states(rt) == ["healthy"] * 3
 
 
+def test_a_replica_ejected_for_slow_answers_is_probed_as_soon_as_its_time_is_over() -> None:
+    # Its slow answers (300 ms against 5 ms) would keep it out of power-of-two picks for seconds
+    # after its ejection time; once that time is over it costs nothing while idle, so the next
+    # pick that draws it probes it, and no second pick joins the probe while it is in flight.
+    rt, _, clock = runtime([url(0), url(1), url(2)])
+    r0, r1, r2 = rt.replicas
+    now = clock.monotonic()
+    r0.observe(0.3, now)
+    r1.observe(0.005, now)
+    r2.observe(0.005, now)
+    breaker(r0).open()
+    clock.advance(4.9)
+    assert r0 not in {rt.pick(()) for _ in range(200)}
+    clock.advance(0.1)
+    assert states(rt)[0] == "half_open"
+    assert r0 in [rt.pick(()) for _ in range(20)]
+    r0.in_flight += 1  # its probe
+    assert r0 not in {rt.pick(()) for _ in range(200)}
+    assert breaker(r0).try_acquire()
+    r0.in_flight -= 1
+    breaker(r0).on_success(0.004)
+    assert not r0.ejected
+    # Back, it costs its latency estimate again (still holding the slow answers, decaying).
+    assert r0.cost(clock.monotonic()) > r1.cost(clock.monotonic())
+
+
+def test_panic_mode_prefers_fast_replicas_over_ejected_slow_ones() -> None:
+    rt, _, clock = runtime([url(0), url(1), url(2)])
+    r0, r1, r2 = rt.replicas
+    now = clock.monotonic()
+    r0.observe(0.3, now)
+    r1.observe(0.3, now)
+    r2.observe(0.005, now)
+    breaker(r0).open()
+    breaker(r1).open()
+    assert rt.panic
+    # Health is ignored, latency is not: every draw that has the fast replica chooses it (2 in
+    # 3), as the ejected ones still cost their slow answers.
+    assert r0.cost(clock.monotonic()) > r2.cost(clock.monotonic())
+    assert [rt.pick(()) for _ in range(300)].count(r2) > 150
+
+
 def test_a_failed_probe_ejects_the_replica_again_for_longer() -> None:
     rt, _, clock = runtime([url(0), url(1), url(2)])
     r0 = rt.replicas[0]

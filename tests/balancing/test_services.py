@@ -409,7 +409,9 @@ def test_a_recovered_replica_gets_traffic_again_after_its_ejection_time(
         ejected_at = time.monotonic()
         getattr(bad, repair)()
         before = by_port(t)[bad.port].successes
-        # While ejected it gets nothing; once 0.5 s are over, a probe passes and it is back.
+        # While ejected it gets nothing; once 0.5 s are over, the next pick that draws it sends
+        # a probe (it costs nothing while idle), which passes: it is back.
+        deadline = ejected_at + 10.0
         while by_port(t)[bad.port].state != "healthy":
             assert time.monotonic() < deadline, stats(t)
             assert {r.status_code for r in get_many(client, 8)} == {200}
