@@ -304,6 +304,7 @@ class _Call:
         "body",
         "deadline_at",
         "delay",
+        "first",
         "full_read",
         "hedge",
         "host",
@@ -334,6 +335,7 @@ class _Call:
         self.logical: httpx.URL | None = None
         self.logical_host: str | None = None
         self.tried: tuple[Replica, ...] = ()  # a tuple: no list to make for a direct host
+        self.first: Replica | None = None  # already picked for the first attempt (short path)
         self.host: _Host | None = None
         self.timeouts: dict[str, float | None] | None = None
         self.shortened = False
@@ -1272,8 +1274,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         assert service is not None
         assert call.logical is not None
         skipped: list[Replica] = []
+        first = call.first
+        call.first = None
         while True:
-            replica = service.pick((*call.tried, *skipped))
+            replica: Replica | None
+            if first is not None:
+                replica, first = first, None
+            else:
+                replica = service.pick((*call.tried, *skipped))
             if replica is None:
                 if skipped and service.panic:
                     replica = self._least_tried(call, skipped)
@@ -1575,8 +1583,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             breaker is not None and not (breaker._plain and breaker._rt.state is CLOSED)
         ):
             # No replica, or its permit is not a formality (half-open, or panic): the whole
-            # path picks again, the way it picks a replica that refuses a permit.
-            return self._handle(request)
+            # path takes it from here with this pick. Picking again would skip it (a round
+            # robin's turn would go to the next replica), and a replica due its probe would never
+            # get one.
+            return self._handle(request, replica)
         budget = self.budget
         if budget is not None:
             budget.deposit()
@@ -1646,7 +1656,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         finally:
             self._unroute_to(request, logical, logical_host)
 
-    def _handle(self, request: httpx.Request) -> httpx.Response:
+    def _handle(self, request: httpx.Request, first: Replica | None = None) -> httpx.Response:
+        """The whole path of a request; ``first``, a replica of its service already picked for
+        its first attempt (by `_service_direct`)."""
         bulkhead = self.bulkhead
         started = 0.0
         if bulkhead is not None:
@@ -1654,6 +1666,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             started = self._clock.monotonic()
         try:
             call = self._begin(request)
+            call.first = first
             if call.logical is None:
                 response = self._loop(request, call)  # not a service: no service breaker either
             else:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 import resilient as rs
-from resilient.balancing import PowerOfTwo, ReplicaStatistics, Service
+from resilient.balancing import PowerOfTwo, ReplicaStatistics, RoundRobin, Service
 from resilient.discovery import Static
 from resilient.testing import FakeClock, Fleet
 from resilient.testing import Replica as FleetReplica
@@ -427,6 +427,36 @@ def test_a_recovered_replica_gets_traffic_again_after_its_ejection_time(
     assert by_port(t)[bad.port].successes > before
     assert {r.status_code for r in responses} == {200}
     assert by_port(t)[bad.port].breaker == "closed"
+
+
+def test_round_robin_probes_a_replica_whose_ejection_is_over_one_request_at_a_time(
+    fleet: Fleet,
+) -> None:
+    # One request at a time, each replica in turn: when the turn of a replica whose ejection is
+    # over comes, that request is its probe, wherever the transport takes the request (the short
+    # path hands its pick on rather than picking again, which would skip the replica every time).
+    service = Service(
+        discovery=Static(fleet.urls),
+        balancer=RoundRobin(),
+        breaker=short_breaker(failures=2, open_for=0.3),
+    )
+    t = transport(fleet, service=service)
+    bad = fleet[0]
+    with httpx.Client(transport=t, timeout=1.0) as client:
+        assert client.get("http://orders/x").status_code == 200
+        bad.kill()
+        deadline = time.monotonic() + 10.0
+        while by_port(t)[bad.port].state != "ejected":
+            assert time.monotonic() < deadline, stats(t)
+            assert client.get("http://orders/x").status_code == 200
+        bad.restart()
+        deadline = time.monotonic() + 10.0
+        while by_port(t)[bad.port].state != "healthy":
+            assert time.monotonic() < deadline, stats(t)
+            assert client.get("http://orders/x").status_code == 200
+        responses = [client.get("http://orders/x") for _ in range(30)]
+    assert {r.status_code for r in responses} == {200}
+    assert served_by(responses) == {0: 10, 1: 10, 2: 10}  # back in turn: every third request
 
 
 def test_with_two_of_three_dead_every_get_succeeds_and_the_dead_are_still_probed(
