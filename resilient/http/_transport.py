@@ -2252,7 +2252,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._attempt_failed(attempt, call, exc)
             raise
         except BaseException as exc:
-            if call.lost and isinstance(exc, asyncio.CancelledError):
+            # Lost a race: on asyncio its hedge cancelled it; on trio `_race_anyio`'s task group.
+            if call.lost and isinstance(exc, anyio.get_cancelled_exc_class()):
                 self._attempt_lost(attempt)
             else:
                 self._attempt_cancelled(attempt)
@@ -2317,6 +2318,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             else:
                 if not winner and self._good(response):
                     winner.append(response)
+                    call.lost = True  # the copies still running lost the race
                     tg.cancel_scope.cancel()
                     return
                 outcomes.append(response)

@@ -347,14 +347,16 @@ def test_a_frozen_replica_is_ejected_when_hedging_gives_its_attempts_up(fleet: F
         check_ejection(t, inner, frozen, lambda: get_many(client, 60), fleet, live=[0, 2])
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
-async def test_a_frozen_replica_is_ejected_when_hedges_win_its_races(fleet: Fleet) -> None:
-    # On asyncio a request to the frozen replica is raced: its hedge answers and the attempt
-    # to the frozen replica is cancelled. That lost attempt is the evidence that ejects the
-    # replica; given back instead, the replica would stay in the choice until the retry budget
-    # ran out, and then each request to it would wait for its whole timeout.
-    t = transport(fleet, hedge=rs.http.Hedging(delay=0.05))
+async def test_a_frozen_replica_is_ejected_when_hedges_win_its_races(
+    fleet: Fleet, anyio_backend: str
+) -> None:
+    # On asyncio (and on trio with `trio=True`) a request to the frozen replica is raced: its
+    # hedge answers and the attempt to the frozen replica is cancelled. That lost attempt is the
+    # evidence that ejects the replica; given back instead, the replica would stay in the choice
+    # until the retry budget ran out, and then each request to it would wait for its whole
+    # timeout.
+    t = transport(fleet, hedge=rs.http.Hedging(delay=0.05, trio=anyio_backend == "trio"))
     frozen = fleet[1]
     async with httpx.AsyncClient(transport=t, timeout=2.0) as client:
         await aget_many(client, 60)
