@@ -36,6 +36,7 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from resilient import _later
 from resilient._clock import Clock
 from resilient._deadline import _DEADLINE
 from resilient._errors import CircuitOpenError, NoHealthyEndpoints
@@ -509,6 +510,7 @@ class _AsyncioRace:
         "call",
         "cancelling",
         "changed",
+        "context",
         "delay",
         "done",
         "hedges",
@@ -552,6 +554,11 @@ class _AsyncioRace:
         self.primary = True
         self.done = False
         self.timers = timers = loop_timer(loop)
+        # The caller's context, for its hedges: the shared timer's callback runs in the context
+        # of whichever task last scheduled it, and a hedge would take another request's
+        # (its store round trips, its span). A race a `_HedgeWatch` starts has none to take:
+        # short-path requests have neither.
+        self.context = contextvars.copy_context() if scheduled else None
         # Our entry in the loop's shared timer: the next hedge is due after ``delay``.
         self.timer: list[Any] | None = (
             timers.add(self._launch, loop.time() + delay) if scheduled else None
@@ -580,9 +587,12 @@ class _AsyncioRace:
         transport = self.transport
         if not transport._may_hedge(self.request, number, self.delay * number):
             return
-        hedge = self.loop.create_task(
-            transport._attempt_async(_clone(self.request), self.call_state())
-        )
+        attempt = transport._attempt_async(_clone(self.request), self.call_state())
+        context = self.context
+        if context is None:
+            hedge = self.loop.create_task(attempt)
+        else:
+            hedge = context.run(self.loop.create_task, attempt)
         hedge.add_done_callback(self._finished)
         self.hedges.append(hedge)
         assert transport.hedge is not None
@@ -908,7 +918,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._direct_sync_ok = self._direct_ok and not (
             self.hedge is not None and self.hedge.threads
         )
-        self._direct_async_ok = self._direct_ok and not (self.hedge is not None and self.hedge.trio)
+        # (A budget with a store would flush its deposits from the short path, blocking the loop:
+        # `_handle_async` defers that round trip.)
+        self._direct_async_ok = (
+            self._direct_ok
+            and not (self.hedge is not None and self.hedge.trio)
+            and (self.budget is None or self.budget._shared is None)
+        )
         self._fixed_delay: float | None = (
             float(self.hedge.delay)
             if self.hedge is not None and not isinstance(self.hedge.delay, str)
@@ -2213,6 +2229,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return response
 
     async def _handle_async(self, request: httpx.Request) -> httpx.Response:
+        if _later.IN_USE:
+            started = _later.begin()
+            if started is not None:
+                # A breaker or budget may use a store: its round trips wait for the request's
+                # end, awaited there, rather than blocking the loop where they are asked for.
+                later, token = started
+                try:
+                    return await self._handle_async_now(request)
+                finally:
+                    _later.end(token)
+                    await later.settle()
+        return await self._handle_async_now(request)
+
+    async def _handle_async_now(self, request: httpx.Request) -> httpx.Response:
         bulkhead = self.bulkhead
         started = 0.0
         if bulkhead is not None:
@@ -2421,6 +2451,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 raise
             except Exception as exc:
                 failure = exc
+                if _later.IN_USE:
+                    await _later.flush_pending()
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
@@ -2435,6 +2467,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 self.fallback is None or response.status_code < 500
             ):
                 return self._finish(request, call, response)  # the common case, kept short
+            if _later.IN_USE:
+                await _later.flush_pending()
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)

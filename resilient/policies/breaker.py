@@ -21,6 +21,7 @@ mirrors this process's outcomes, and takes over when the store is unavailable.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 
+from resilient import _later
 from resilient._clock import Clock
 from resilient._errors import CircuitOpenError
 from resilient._policy import Policy
@@ -299,7 +301,10 @@ class CircuitBreaker(Policy):
 
     @property
     def state(self) -> State:
-        """``"closed"``, ``"open"`` or ``"half_open"`` (an open breaker past its time reads half-open)."""
+        """``"closed"``, ``"open"`` or ``"half_open"`` (an open breaker past its time reads half-open).
+
+        With a store, a cached state older than the store's staleness is read again first: one
+        round trip, which blocks (in async code, read it rarely, e.g. for a dashboard)."""
         rt = self._rt
         if self._shared is not None:
             if self._clock.monotonic() - self._shared.synced_at >= self._shared.staleness:
@@ -426,7 +431,26 @@ class CircuitBreaker(Policy):
         if self._shared is not None:
             claim = self._shared_claim(gen)
             if claim:
-                self._shared.call("release", claim)
+                later = _later.pending()
+                if later is not None:
+                    later.add(functools.partial(self._shared.call_async, "release", claim))
+                else:
+                    self._shared.call("release", claim)
+        self._released(gen)
+
+    async def _release_async(self, gen: int) -> None:
+        """`_release` whose round trip to the store does not block the loop."""
+        rt = self._rt
+        if rt.state is CLOSED:
+            return
+        if self._shared is not None:
+            claim = self._shared_claim(gen)
+            if claim:
+                await self._shared.call_async("release", claim)
+        self._released(gen)
+
+    def _released(self, gen: int | None) -> None:
+        rt = self._rt
         with rt.lock:
             if rt.state is HALF_OPEN and (gen is None or gen == rt.generation):
                 rt.probes_in_flight = max(0, rt.probes_in_flight - 1)
@@ -436,6 +460,12 @@ class CircuitBreaker(Policy):
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         if self._shared is not None and not local:
             claim = self._shared_claim(gen)
+            later = _later.pending()
+            if later is not None:
+                later.add(
+                    functools.partial(self._shared_record, gen, claim, False, slow, duration, None)
+                )
+                return
             reply = self._shared.call("record", claim, False, slow)
             if reply is None:
                 self._success(gen, duration, local=True)
@@ -473,6 +503,12 @@ class CircuitBreaker(Policy):
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         if self._shared is not None and not local:
             claim = self._shared_claim(gen)
+            later = _later.pending()
+            if later is not None:
+                later.add(
+                    functools.partial(self._shared_record, gen, claim, True, slow, duration, exc)
+                )
+                return
             reply = self._shared.call("record", claim, True, slow)
             if reply is None:
                 self._failure(gen, duration, exc, local=True)
@@ -737,8 +773,9 @@ class CircuitBreaker(Policy):
             await self._shared_outcome_async(gen, self._is_failure(exc), started, exc)
             raise
         except BaseException:
-            # Cancelled: give a probe permit back (one blocking round trip, only when probing).
-            self._release(gen)
+            # Cancelled: give a probe permit back (a round trip only when probing).
+            with anyio.CancelScope(shield=True):
+                await self._release_async(gen)
             raise
         failed = self.result is not None and bool(self.result(result))
         await self._shared_outcome_async(gen, failed, started, None)
@@ -747,12 +784,25 @@ class CircuitBreaker(Policy):
     async def _shared_outcome_async(
         self, gen: int, failed: bool, started: float, exc: BaseException | None
     ) -> None:
-        shared = self._shared
-        assert shared is not None
         duration = self._clock.monotonic() - started
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         with anyio.CancelScope(shield=True):  # the claim is already off our books: finish it
-            reply = await shared.call_async("record", self._shared_claim(gen), failed, slow)
+            await self._shared_record(gen, self._shared_claim(gen), failed, slow, duration, exc)
+
+    async def _shared_record(
+        self,
+        gen: int | None,
+        claim: str,
+        failed: bool,
+        slow: bool,
+        duration: float,
+        exc: BaseException | None,
+    ) -> None:
+        """One outcome sent to the store without blocking the loop, and what follows its reply
+        (the sync drivers' `_success` / `_failure` make the same round trip inline)."""
+        shared = self._shared
+        assert shared is not None
+        reply = await shared.call_async("record", claim, failed, slow)
         if reply is None:
             if failed:
                 self._failure(gen, duration, exc, local=True)

@@ -15,10 +15,12 @@ is unavailable.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from resilient import _later
 from resilient._clock import Clock
 from resilient._errors import RetryBudgetExhausted
 from resilient.policies._common import check_positive, resolve_clock
@@ -210,7 +212,11 @@ class RetryBudget:
         """Send the calls counted so far (from `deposit`, every ``flush_calls`` calls)."""
         tokens = self._fold_shared()
         if tokens and self._shared is not None:
-            self._shared.take(tokens, False)
+            later = _later.pending()
+            if later is not None:  # inside an async request: sent when it ends, not blocking
+                later.add(functools.partial(self._shared.take_async, tokens, False))
+            else:
+                self._shared.take(tokens, False)
 
     def _shared_withdraw(self) -> bool:
         assert self._shared is not None

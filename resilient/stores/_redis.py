@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import anyio.to_thread
 import sniffio
 
+from resilient import _later
 from resilient._clock import Clock
 from resilient.events import Hook, StoreRecovered, StoreUnavailable, emit
 from resilient.policies._common import check_count, check_positive, resolve_clock
@@ -265,6 +266,7 @@ class RedisStore:
 
             rs.CircuitBreaker(name="payments", store=store)  # calls store.bind_breaker(itself)
         """
+        _later.IN_USE = True  # async transports now defer their round trips
         return BreakerHandle(self, breaker)
 
     def bind_budget(self, budget: RetryBudget) -> BudgetHandle:
@@ -274,6 +276,7 @@ class RedisStore:
 
             rs.RetryBudget(name="payments", store=store)  # calls store.bind_budget(itself)
         """
+        _later.IN_USE = True
         return BudgetHandle(self, budget)
 
     def _key_ttl_ms(self, *spans: float) -> int:
@@ -508,6 +511,15 @@ class BudgetHandle:
     def take(self, tokens: float, want: bool) -> tuple[bool, float] | None:
         """Add ``tokens``, and take one if ``want`` and there is one: (granted, balance left)."""
         raw = self.store._run(
+            "budget", self._keys, [_num(tokens), "1" if want else "0", *self._args]
+        )
+        if raw is None:
+            return None
+        return bool(int(raw[0])), float(raw[1])
+
+    async def take_async(self, tokens: float, want: bool) -> tuple[bool, float] | None:
+        """`take` without blocking the event loop."""
+        raw = await self.store._run_async(
             "budget", self._keys, [_num(tokens), "1" if want else "0", *self._args]
         )
         if raw is None:

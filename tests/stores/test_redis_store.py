@@ -226,6 +226,31 @@ def test_permission_protocol_claims_a_fleet_wide_probe(store: RedisStore) -> Non
     one.on_success(0.01)
 
 
+@pytest.mark.anyio
+async def test_a_cancelled_async_probe_gives_its_claim_back(
+    anyio_backend: str, store: RedisStore
+) -> None:
+    one = rs.CircuitBreaker(name="cancelled", open_for=0.05, store=store)
+    two = rs.CircuitBreaker(name="cancelled", open_for=0.05, store=store)
+    one.open()
+    await anyio.sleep(0.06)
+    probing = anyio.Event()
+
+    async def hangs() -> None:
+        probing.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one.call_async, hangs)
+        await probing.wait()
+        assert not two.try_acquire()  # the fleet's one probe is out
+        tg.cancel_scope.cancel()
+    assert two.try_acquire()  # given back to the store by the cancelled call
+    two.on_success(0.01)
+    assert two.state == "closed"
+    await store.aclose()
+
+
 def test_deposits_are_sent_in_batches(store: RedisStore) -> None:
     clock = FakeClock()
     sender = rs.RetryBudget(
