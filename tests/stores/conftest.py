@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import pytest
 
 from tests.conftest import require_servers
@@ -62,6 +64,16 @@ class RedisServer:
             return False
         # -NOAUTH: up, but a password is set
         return answer.startswith((b"+PONG", b"-NOAUTH"))
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """SIGSTOP for the body: connections are accepted and nothing is answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -126,3 +138,20 @@ def _close_stores(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     for store in made:
         store.close()
+
+
+@contextlib.asynccontextmanager
+async def loop_ticks() -> AsyncIterator[list[int]]:
+    """Counts, in the list yielded, the 10 ms ticks another task made while the body ran: how
+    long the event loop was free to run it."""
+    ticks = [0]
+
+    async def ticker() -> None:
+        while True:
+            await anyio.sleep(0.01)
+            ticks[0] += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        yield ticks
+        tg.cancel_scope.cancel()

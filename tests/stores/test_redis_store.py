@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from resilient.events import CircuitStateChanged, Event, StoreRecovered, StoreUn
 from resilient.stores import RedisStore
 from resilient.stores._redis import BreakerReply
 from resilient.testing import FakeClock
-from tests.stores.conftest import RedisServer
+from tests.stores.conftest import RedisServer, loop_ticks
 
 PASSWORD = "s3cr3t-Pa55word"
 
@@ -334,9 +332,7 @@ def test_a_stalled_redis_times_out_to_local_state(own_redis: RedisServer, prefix
     breaker = rs.CircuitBreaker(name="stall", store=store)
     budget = rs.RetryBudget(name="stall", store=store)
     breaker.call(lambda: None)
-    assert own_redis.proc is not None
-    os.kill(own_redis.proc.pid, signal.SIGSTOP)
-    try:
+    with own_redis.stopped():
         started = time.monotonic()
         assert breaker.call(lambda: "local") == "local"
         budget.deposit()
@@ -344,8 +340,6 @@ def test_a_stalled_redis_times_out_to_local_state(own_redis: RedisServer, prefix
         assert breaker.call(lambda: "local") == "local"
         assert time.monotonic() - started < 0.5  # one timeout, then local until retry_interval
         assert not is_available(store)
-    finally:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
     store.close()
 
 
@@ -432,25 +426,11 @@ async def test_async_round_trips_do_not_block_the_event_loop(
 
     assert await breaker.call_async(fine) == "fine"
     breaker._shared.synced_at = float("-inf")  # type: ignore[union-attr]  # force a refresh
-    ticks = 0
-    assert own_redis.proc is not None
-    os.kill(own_redis.proc.pid, signal.SIGSTOP)
-    try:
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await anyio.sleep(0.01)
-                ticks += 1
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+    with own_redis.stopped():
+        async with loop_ticks() as ticks:
             assert await breaker.call_async(fine) == "fine"  # waits out the 0.3 s timeout
-            tg.cancel_scope.cancel()
-    finally:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
     assert not is_available(store)
-    assert ticks >= 10  # the loop kept running while Redis did not answer
+    assert ticks[0] >= 10  # the loop kept running while Redis did not answer
     await store.aclose()
 
 
