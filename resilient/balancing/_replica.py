@@ -158,7 +158,7 @@ class Replica:
         replica's timeouts) have decayed. Not while ejected, so panic mode, which may choose
         ejected replicas, still prefers the fast ones.
         """
-        if self.ejected and self.ejected_until <= now and not self.in_flight:
+        if self.ejected and self.ejected_until <= now and not self.in_flight and not self.unhealthy:
             return 0.0
         if self._stamp < 0:
             # Never measured: free while idle (so it gets measured), expensive once requests

@@ -296,6 +296,10 @@ def _uncut(request: httpx.Request, own: dict[str, float | None] | None) -> None:
             extensions["timeout"] = own
 
 
+#: How long a replica whose breaker refused its probe stays out of the choice (`_choose`).
+_REFUSED_PROBE_WAIT = 0.1
+
+
 class _Call:
     """One request's progress through its attempts."""
 
@@ -1303,6 +1307,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     replica = self._least_tried(call, skipped)
                     gen = REJECTED
                     break
+                if skipped:  # the others are out, and those left refused their permits
+                    raise self._refused(service, skipped[-1])
                 raise NoHealthyEndpoints(
                     f"service {service.name!r} has no replica to send to "
                     f"({len(service.replicas)} known)",
@@ -1326,6 +1332,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             gen = breaker._acquire() if breaker is not None else 0
             if gen != REJECTED:
                 break
+            if replica.ejected and breaker is not None:
+                # Refused though its ejection time is over (another process holds the probe of
+                # a breaker shared through a store, or it was opened by hand): idle, it would
+                # cost nothing and be drawn by every pick. Out of the choice a while longer.
+                now = self._clock.monotonic()
+                wait = breaker.retry_after() or _REFUSED_PROBE_WAIT
+                replica.ejected_until = max(replica.ejected_until, now + wait)
             skipped.append(replica)
             if len(skipped) >= len(service.replicas) or replica in call.tried:
                 if not service.panic:
@@ -1442,13 +1455,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 # p95, it is the only evidence against a replica that accepts and never answers.)
                 breaker._failure(gen, duration, exc)
 
-    def _attempt_lost(self, attempt: _Attempt) -> None:
-        """An attempt cancelled because another copy of its request answered first. Slower than
-        the hedge delay and the winner together, it counts against its replica as an attempt
-        given up by the sync read cut does: it is the only evidence against a replica that
-        accepts and never answers, which would otherwise stay in the choice, each request to it
-        costing a hedge."""
-        self._attempt_failed(attempt, None, None)
+    def _attempt_lost(self, attempt: _Attempt, delay: float | None) -> None:
+        """An attempt cancelled because another copy of its request answered first.
+
+        If it ran for the hedge delay (the first copy always has), it was slower than the
+        service's usual answer, and it counts against its replica as an attempt given up by
+        the sync read cut does: it is the only evidence against a replica that accepts and
+        never answers, which would otherwise stay in the choice, each request to it costing a
+        hedge. A hedge cut short sooner, because the first copy answered after all, tells
+        nothing against its replica: given back, as if never made."""
+        if delay is not None and self._clock.monotonic() - attempt[5] < delay:
+            self._attempt_cancelled(attempt)
+        else:
+            self._attempt_failed(attempt, None, None)
 
     @staticmethod
     def _attempt_cancelled(attempt: _Attempt) -> None:
@@ -2190,7 +2209,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             call = race.call_state() if race is not None else None
             if not isinstance(failed, Exception):
                 if call is not None and call.lost and isinstance(failed, asyncio.CancelledError):
-                    self._attempt_lost(attempt)  # a hedge won and cancelled it
+                    self._attempt_lost(attempt, delay)  # a hedge won and cancelled it
                 else:
                     self._attempt_cancelled(attempt)
                 if race is None:
@@ -2284,7 +2303,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         except BaseException as exc:
             # Lost a race: on asyncio its hedge cancelled it; on trio `_race_anyio`'s task group.
             if call.lost and isinstance(exc, anyio.get_cancelled_exc_class()):
-                self._attempt_lost(attempt)
+                self._attempt_lost(attempt, call.delay)
             else:
                 self._attempt_cancelled(attempt)
             raise
@@ -2341,6 +2360,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
         async def run(req: httpx.Request, tg: anyio.abc.TaskGroup) -> None:
             nonlocal changed
+            if winner:
+                return  # started in the batch that decided the race: trio runs it up to a checkpoint
             try:
                 response = await self._attempt_async(req, call)
             except Exception as exc:
@@ -2433,6 +2454,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     response = await self._settle_async(request, call, outcome, race)
                 else:
                     call.attempt += 1
+                    call.lost = False  # (a race of an earlier round may have left it set)
                     delay = call.delay
                     if delay is None:
                         response = await self._attempt_async(request, call)

@@ -670,6 +670,17 @@ def test_panic_mode_prefers_fast_replicas_over_ejected_slow_ones() -> None:
     assert [rt.pick(()) for _ in range(300)].count(r2) > 150
 
 
+def test_an_unhealthy_replica_past_its_ejection_time_keeps_its_cost() -> None:
+    # In panic mode health is ignored, but an unhealthy replica must not look free.
+    rt, _, clock = runtime([url(0), url(1), url(2)])
+    r0 = rt.replicas[0]
+    r0.observe(0.3, clock.monotonic())
+    breaker(r0).open()
+    rt.set_health(r0.url, True)
+    clock.advance(5.0)
+    assert r0.cost(clock.monotonic()) > 0.0
+
+
 def test_a_failed_probe_ejects_the_replica_again_for_longer() -> None:
     rt, _, clock = runtime([url(0), url(1), url(2)])
     r0 = rt.replicas[0]

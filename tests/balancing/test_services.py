@@ -371,6 +371,46 @@ async def test_a_frozen_replica_is_ejected_when_hedges_win_its_races(
 
 
 @pytest.mark.anyio
+async def test_a_hedge_that_loses_to_the_first_copy_is_no_evidence_against_its_replica(
+    fleet: Fleet, anyio_backend: str
+) -> None:
+    # Every answer takes 120 ms; a hedge goes out at 100 ms and is cancelled ~20 ms later, when
+    # the first copy answers. It ran for less than the hedge delay: given back, not counted as
+    # a failure (counted, the hedges would eject every healthy replica).
+    for replica in fleet:
+        replica.set_faults(latency=0.12)
+    t = transport(fleet, hedge=rs.http.Hedging(delay=0.1, trio=anyio_backend == "trio"))
+    async with httpx.AsyncClient(transport=t, timeout=2.0) as client:
+        responses = await aget_many(client, 24)
+    assert {r.status_code for r in responses} == {200}
+    assert sum(fleet[i].counts().total for i in range(3)) > 24  # hedges did go out
+    assert [s.failures for s in stats(t)] == [0, 0, 0]
+    assert {s.state for s in stats(t)} == {"healthy"}
+
+
+def test_a_replica_whose_breaker_refuses_its_probe_leaves_the_choice_for_a_while(
+    fleet: Fleet,
+) -> None:
+    # Its ejection time is over but its breaker refuses (the probe is out elsewhere: another
+    # process's, with a shared breaker). Idle, it would cost nothing and be drawn by every pick.
+    service = Service(discovery=Static(fleet.urls), breaker=short_breaker(open_for=0.2))
+    t = transport(fleet, service=service)
+    with httpx.Client(transport=t, timeout=2.0) as client:
+        get_many(client, 6)
+        bad = next(r for r in t._services["orders"].replicas if r.url == fleet.urls[0])
+        assert bad.breaker is not None
+        bad.breaker.open()
+        time.sleep(0.25)
+        assert bad.breaker.try_acquire()  # the probe, held elsewhere
+        fleet[0].reset_counts()
+        responses = [client.get("http://orders/x") for _ in range(12)]
+        assert bad.ejected_until > time.monotonic()  # refused once, then left alone
+        bad.breaker.release()
+    assert {r.status_code for r in responses} == {200}
+    assert fleet[0].counts().total == 0
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 async def test_async_load_spread_and_ejection(fleet: Fleet, fault: str) -> None:
     inner = Recording()
