@@ -1167,3 +1167,24 @@ async def test_asyncio_a_winning_hedge_leaves_no_cancellation_behind(fleet: Flee
         if sys.version_info >= (3, 11):
             assert task.cancelling() == 0
         await wait_until_async(lambda: not hedge_tasks(), timeout=0.5)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_race_without_a_winner_leaves_no_lost_mark_on_the_next_round(
+    anyio_backend: str, fleet: Fleet
+) -> None:
+    # Round 1: the first copy and its hedge both answer 503 (no winner), so the request is
+    # retried. Round 2 is cancelled by the caller at 0.7 s, with both of its copies running for
+    # longer than the hedge delay. Those copies lost no race: given back, not counted as
+    # failures (a mark left set by round 1 counted them).
+    fleet[0].set_faults(error_rate=1.0, latency=0.4)
+    breaker = rs.CircuitBreaker(name="host", consecutive_failures=100, min_calls=1000)
+    t = rs.ResilientTransport(
+        hedge=Hedging(delay=0.05), breaker=breaker, wait=0.0, deadline=10.0, attempts=3
+    )
+    async with httpx.AsyncClient(transport=t, timeout=5.0) as client:
+        with anyio.move_on_after(0.7):
+            await client.get(f"{fleet.urls[0]}/x")
+    assert fleet[0].counts().total == 4  # two copies in each round
+    assert breaker.metrics()["failures"] == 2  # round 1's two 503s, nothing of round 2
