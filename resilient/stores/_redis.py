@@ -54,6 +54,10 @@ def _breaker_reply(raw: Any) -> BreakerReply:
     return BreakerReply(state, gen, left / 1e6, opened / 1e6, bool(granted))
 
 
+def _budget_reply(raw: Any) -> tuple[bool, float]:
+    return bool(int(raw[0])), float(raw[1])
+
+
 class RedisStore:
     """Keep `CircuitBreaker` and `RetryBudget` state in Redis, so a whole fleet shares it.
 
@@ -508,20 +512,15 @@ class BudgetHandle:
         self.flush_calls = store.flush_calls
         self.flush_interval = store.flush_interval
 
+    def _argv(self, tokens: float, want: bool) -> list[Any]:
+        return [_num(tokens), "1" if want else "0", *self._args]
+
     def take(self, tokens: float, want: bool) -> tuple[bool, float] | None:
         """Add ``tokens``, and take one if ``want`` and there is one: (granted, balance left)."""
-        raw = self.store._run(
-            "budget", self._keys, [_num(tokens), "1" if want else "0", *self._args]
-        )
-        if raw is None:
-            return None
-        return bool(int(raw[0])), float(raw[1])
+        raw = self.store._run("budget", self._keys, self._argv(tokens, want))
+        return None if raw is None else _budget_reply(raw)
 
     async def take_async(self, tokens: float, want: bool) -> tuple[bool, float] | None:
         """`take` without blocking the event loop."""
-        raw = await self.store._run_async(
-            "budget", self._keys, [_num(tokens), "1" if want else "0", *self._args]
-        )
-        if raw is None:
-            return None
-        return bool(int(raw[0])), float(raw[1])
+        raw = await self.store._run_async("budget", self._keys, self._argv(tokens, want))
+        return None if raw is None else _budget_reply(raw)
