@@ -439,14 +439,12 @@ class CircuitBreaker(Policy):
         self._released(gen)
 
     async def _release_async(self, gen: int) -> None:
-        """`_release` whose round trip to the store does not block the loop."""
-        rt = self._rt
-        if rt.state is CLOSED:
-            return
-        if self._shared is not None:
-            claim = self._shared_claim(gen)
-            if claim:
-                await self._shared.call_async("release", claim)
+        """`_release` for the async driver with a store: its round trip does not block the loop."""
+        shared = self._shared
+        assert shared is not None
+        claim = self._shared_claim(gen)  # ("" unless a probe of this episode)
+        if claim:
+            await shared.call_async("release", claim)
         self._released(gen)
 
     def _released(self, gen: int | None) -> None:
@@ -459,20 +457,7 @@ class CircuitBreaker(Policy):
         rt = self._rt
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         if self._shared is not None and not local:
-            claim = self._shared_claim(gen)
-            later = _later.pending()
-            if later is not None:
-                later.add(
-                    functools.partial(self._shared_record, gen, claim, False, slow, duration, None)
-                )
-                return
-            reply = self._shared.call("record", claim, False, slow)
-            if reply is None:
-                self._success(gen, duration, local=True)
-            else:
-                self._shared_recorded(reply, failed=False, slow=slow)
-                for listener in self.listeners:
-                    listener.success(self)  # type: ignore[arg-type]
+            self._shared_outcome(gen, False, slow, duration, None)
             return
         change = None
         with rt.lock:
@@ -502,21 +487,7 @@ class CircuitBreaker(Policy):
         rt = self._rt
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         if self._shared is not None and not local:
-            claim = self._shared_claim(gen)
-            later = _later.pending()
-            if later is not None:
-                later.add(
-                    functools.partial(self._shared_record, gen, claim, True, slow, duration, exc)
-                )
-                return
-            reply = self._shared.call("record", claim, True, slow)
-            if reply is None:
-                self._failure(gen, duration, exc, local=True)
-            else:
-                self._shared_recorded(reply, failed=True, slow=slow)
-                if exc is not None:
-                    for listener in self.listeners:
-                        listener.failure(self, exc)  # type: ignore[arg-type]
+            self._shared_outcome(gen, True, slow, duration, exc)
             return
         change = None
         with rt.lock:
@@ -798,11 +769,45 @@ class CircuitBreaker(Policy):
         duration: float,
         exc: BaseException | None,
     ) -> None:
-        """One outcome sent to the store without blocking the loop, and what follows its reply
-        (the sync drivers' `_success` / `_failure` make the same round trip inline)."""
+        """One outcome sent to the store without blocking the loop, then `_shared_replied`."""
         shared = self._shared
         assert shared is not None
         reply = await shared.call_async("record", claim, failed, slow)
+        self._shared_replied(reply, gen, failed, slow, duration, exc)
+
+    def _shared_outcome(
+        self,
+        gen: int | None,
+        failed: bool,
+        slow: bool,
+        duration: float,
+        exc: BaseException | None,
+    ) -> None:
+        """`_success` / `_failure` with a store: one round trip, inline; inside an async
+        request, handed to its `resilient._later.Later` (`_shared_record`, awaited later)."""
+        shared = self._shared
+        assert shared is not None
+        claim = self._shared_claim(gen)
+        later = _later.pending()
+        if later is not None:
+            later.add(
+                functools.partial(self._shared_record, gen, claim, failed, slow, duration, exc)
+            )
+            return
+        reply = shared.call("record", claim, failed, slow)
+        self._shared_replied(reply, gen, failed, slow, duration, exc)
+
+    def _shared_replied(
+        self,
+        reply: BreakerReply | None,
+        gen: int | None,
+        failed: bool,
+        slow: bool,
+        duration: float,
+        exc: BaseException | None,
+    ) -> None:
+        """What follows the store's answer to an outcome: adopt it and tell the listeners, or
+        (no answer: the store is unavailable) record the outcome on local state."""
         if reply is None:
             if failed:
                 self._failure(gen, duration, exc, local=True)
