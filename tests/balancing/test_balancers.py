@@ -628,16 +628,19 @@ def test_a_replica_is_ejected_when_its_breaker_opens_and_probed_when_its_time_is
     assert states(rt) == ["healthy"] * 3
 
 
+def measured(*seconds: float) -> tuple[ServiceRuntime, Sequence[Replica], FakeClock]:
+    """A runtime of one replica per latency, each measured once at that latency."""
+    rt, _, clock = runtime([url(i) for i in range(len(seconds))])
+    for replica, latency in zip(rt.replicas, seconds, strict=True):
+        replica.observe(latency, clock.monotonic())
+    return rt, rt.replicas, clock
+
+
 def test_a_replica_ejected_for_slow_answers_is_probed_as_soon_as_its_time_is_over() -> None:
     # Its slow answers (300 ms against 5 ms) would keep it out of power-of-two picks for seconds
     # after its ejection time; once that time is over it costs nothing while idle, so the next
     # pick that draws it probes it, and no second pick joins the probe while it is in flight.
-    rt, _, clock = runtime([url(0), url(1), url(2)])
-    r0, r1, r2 = rt.replicas
-    now = clock.monotonic()
-    r0.observe(0.3, now)
-    r1.observe(0.005, now)
-    r2.observe(0.005, now)
+    rt, (r0, r1, _), clock = measured(0.3, 0.005, 0.005)
     breaker(r0).open()
     clock.advance(4.9)
     assert r0 not in {rt.pick(()) for _ in range(200)}
@@ -655,12 +658,7 @@ def test_a_replica_ejected_for_slow_answers_is_probed_as_soon_as_its_time_is_ove
 
 
 def test_panic_mode_prefers_fast_replicas_over_ejected_slow_ones() -> None:
-    rt, _, clock = runtime([url(0), url(1), url(2)])
-    r0, r1, r2 = rt.replicas
-    now = clock.monotonic()
-    r0.observe(0.3, now)
-    r1.observe(0.3, now)
-    r2.observe(0.005, now)
+    rt, (r0, r1, r2), clock = measured(0.3, 0.3, 0.005)
     breaker(r0).open()
     breaker(r1).open()
     assert rt.panic
