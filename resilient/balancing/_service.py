@@ -248,6 +248,15 @@ class ServiceRuntime:
                 replica.ejected_until = 0.0
             self._count(replica, was_down)
 
+    def probe_refused(self, replica: Replica, wait: float) -> None:
+        """``replica``'s ejection time is over but its breaker refused the probe (another process
+        holds the probe of a breaker shared through a store, or it was opened by hand): it stays
+        out of the choice ``wait`` seconds more. Idle past its time it costs nothing
+        (`Replica.cost`), and every pick would draw it only to be refused."""
+        with self._lock:
+            if replica.ejected:
+                replica.ejected_until = max(replica.ejected_until, self.clock.monotonic() + wait)
+
     def _health_changed(self, url: str, old: str, new: str) -> None:
         self.set_health(url, new == "unhealthy")
 

@@ -1333,12 +1333,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if gen != REJECTED:
                 break
             if replica.ejected and breaker is not None:
-                # Refused though its ejection time is over (another process holds the probe of
-                # a breaker shared through a store, or it was opened by hand): idle, it would
-                # cost nothing and be drawn by every pick. Out of the choice a while longer.
-                now = self._clock.monotonic()
-                wait = breaker.retry_after() or _REFUSED_PROBE_WAIT
-                replica.ejected_until = max(replica.ejected_until, now + wait)
+                service.probe_refused(replica, breaker.retry_after() or _REFUSED_PROBE_WAIT)
             skipped.append(replica)
             if len(skipped) >= len(service.replicas) or replica in call.tried:
                 if not service.panic:
