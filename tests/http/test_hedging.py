@@ -573,6 +573,44 @@ def test_sync_a_full_pool_means_no_hedge_rather_than_a_queued_one(fleet: Fleet) 
     assert len(events.hedges) == 1  # only the first request was hedged
 
 
+def connections(transport: httpx.BaseTransport | None) -> list[int]:
+    """The ports of the connections an httpx pool holds."""
+    assert isinstance(transport, httpx.HTTPTransport)
+    return [c._origin.port or 0 for c in transport._pool.connections]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["read-cut", "threads"])
+def test_sync_hedges_travel_on_a_pool_of_their_own(fleet: Fleet, threads: bool) -> None:
+    # A hedge is sent because its request is late: in the requests' pool it would queue behind
+    # them (for httpcore's pool lock, and for a connection when slow requests fill the pool).
+    # Every answer here takes 0.15 s: each request's first attempt runs over the 0.05 s delay
+    # and a copy goes out, on the second pool.
+    fleet[0].set_faults(latency=0.15)
+    port = fleet[0].port
+    transport = rs.ResilientTransport(hedge=Hedging(delay=0.05, threads=threads), wait=0.0)
+    with httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            response = client.get(fleet.urls[0] + "/items")
+            assert response.status_code == 200
+            response.close()
+        assert transport._sync_hedge_inner is not None
+        assert connections(transport._sync_hedge_inner) == [port]  # one, kept for each hedge
+        if not threads:  # each cut attempt's connection was closed; threads: the loser's kept
+            assert connections(transport._sync_inner) == []
+    assert connections(transport._sync_hedge_inner) == []  # closed with the transport
+    assert fleet[0].counts().total == 6
+
+
+def test_sync_hedges_take_the_callers_own_transport_when_it_gave_one(fleet: Fleet) -> None:
+    fleet[0].set_faults(latency=0.15)
+    inner = httpx.HTTPTransport()
+    transport = rs.ResilientTransport(inner, hedge=Hedging(delay=0.05), wait=0.0)
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+    assert transport._sync_hedge_inner is None
+    assert fleet[0].counts().total == 2
+
+
 # --- what is never hedged -----------------------------------------------------------------------
 
 
