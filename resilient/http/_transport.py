@@ -74,6 +74,9 @@ def _yield_gil() -> None:
     time.sleep(0)
 
 
+#: httpx's default keep-alive expiry: how long an idle connection of the hedges' pool lives.
+_HEDGE_POOL_IDLE = 5.0
+
 _DEFAULT: Any = type("_Default", (), {"__repr__": lambda self: "<default>"})()
 
 #: Keys accepted in ``request.extensions["resilient"]``.
@@ -384,8 +387,9 @@ class Hedging:
     wins (a request is watched, and the race set up only when its hedge falls due). Sync and
     trio clients cannot race cheaply, so by default their first attempt's read timeout is cut to
     the delay and, if it runs over, it is abandoned and a copy is sent at once (no cost when it
-    does not run over). A sync client's copies go through a second connection pool, so that they
-    do not queue behind the requests they were sent to overtake. ``threads=True`` races sync
+    does not run over). A sync client's copies to an origin hedged at least every 5 s go through
+    a second connection pool (when the transport built its own), so that they do not queue
+    behind the requests they were sent to overtake. ``threads=True`` races sync
     requests in pool threads (every hedgeable request then pays a thread hand-off, tens of µs);
     ``trio=True`` races trio requests in a task group (~100 µs a request).
 
@@ -864,6 +868,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._ssl: ssl.SSLContext | None = _default_ssl_context() if transport is None else None
         self._sync_inner: httpx.BaseTransport | None = None
         self._sync_hedge_inner: httpx.BaseTransport | None = None  # see `_sync_hedge_transport`
+        self._hedged_at: dict[tuple[bytes, int | None], float] = {}  # origin: its last hedge
+        self._closed = False
         self._async_inner: httpx.AsyncBaseTransport | None = None
         self.attempts = attempts
         self.deadline = deadline
@@ -1522,28 +1528,45 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._sync_inner = inner
         return inner
 
-    def _sync_hedge_transport(self) -> httpx.BaseTransport:
-        """The transport a sync hedge is sent through: a second pool like the first, when this
-        transport built its own; else the caller's transport (it cannot be copied).
+    def _sync_hedge_transport(self, request: httpx.Request) -> httpx.BaseTransport:
+        """The transport a sync hedge of ``request`` is sent through: a second pool like the
+        first, when this transport built its own and hedges to the request's origin are
+        frequent; else the requests' own.
 
         A hedge goes out because its request is already late. In the requests' own pool it
         would queue behind the very requests it was sent to overtake: for a free connection
         when slow requests fill the pool, and, on every attempt, for httpcore's pool lock, which
         is held while the pool polls each idle connection (system calls that hand the GIL to
-        other threads) and is taken three times a request. With 8 client threads the lock waits
-        were ~2 ms a time at the median (README, bench tail); a pool of its own took ~2 ms off
-        the tail's p99 (14-19 ms against 16-22 ms, 11 interleaved runs). Hedges are few, so the
-        second pool stays small."""
+        other threads) and is taken three times a request. In the bench's tail scenario (8
+        client threads) a pool of its own took the p99 from 18-21 ms to 13-17 ms (decision 5).
+
+        A connection of that pool is only worth having if it is used before httpx lets it go
+        (5 s idle): a hedge to an origin last hedged longer ago than that (or never) would open
+        a connection, and a TLS handshake, where the requests' pool likely has one idle, and
+        such a client has no queue to skip. It takes the requests' pool. A caller's transport
+        cannot be copied: it serves every hedge."""
+        url = request.url
+        origin = (url.raw_host, url.port)
+        now = self._clock.monotonic()
+        hedged = self._hedged_at
+        last = hedged.get(origin)
+        hedged[origin] = now
+        frequent = last is not None and now - last <= _HEDGE_POOL_IDLE
+        if not frequent and len(hedged) > 256:  # origins come and go: forget the stale ones
+            for key, at in list(hedged.items()):
+                if now - at > _HEDGE_POOL_IDLE:
+                    hedged.pop(key, None)
         inner = self._sync_hedge_inner
-        if inner is not None:
+        if inner is not None and frequent:
             return inner
-        if self._inner is not None:
-            return self._sync_transport()
-        with self._pool_lock:
-            inner = self._sync_hedge_inner
-            if inner is None:
-                inner = self._sync_hedge_inner = httpx.HTTPTransport(verify=self._ssl or True)
-        return inner
+        if frequent and self._inner is None:
+            with self._pool_lock:
+                inner = self._sync_hedge_inner
+                if inner is None and not self._closed:  # closed: nothing would close a new one
+                    inner = self._sync_hedge_inner = httpx.HTTPTransport(verify=self._ssl or True)
+            if inner is not None:
+                return inner
+        return self._sync_transport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the pipeline (httpx calls this).
@@ -1815,12 +1838,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         hedge: bool = False,
     ) -> httpx.Response:
         """One attempt; ``hedge``: a copy sent because another is late (`_sync_hedge_transport`)."""
-        # The transport is built before the clock starts: that is not the replica's time.
-        inner = self._sync_hedge_inner if hedge else self._sync_inner
+        inner = self._sync_inner
         if inner is None:
-            inner = self._sync_hedge_transport() if hedge else self._sync_transport()
+            inner = self._sync_transport()  # built before the clock starts: not the replica's time
         attempt = self._start_attempt(request, call, read_limit)
         try:
+            if hedge:  # its replica now chosen, hence the origin
+                inner = self._sync_hedge_transport(request)
             response = inner.handle_request(request)
         except Exception as exc:
             self._attempt_failed(attempt, call, exc)
@@ -2148,8 +2172,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._close_services()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        if self._sync_hedge_inner is not None:
-            self._sync_hedge_inner.close()
+        with self._pool_lock:
+            self._closed = True  # a late hedge builds no pool that nothing would close
+            hedges, self._sync_hedge_inner = self._sync_hedge_inner, None
+        if hedges is not None:
+            hedges.close()
         if self._sync_inner is not None:
             self._sync_inner.close()
         elif isinstance(self._inner, httpx.BaseTransport):

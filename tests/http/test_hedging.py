@@ -32,7 +32,7 @@ from resilient.balancing import LatencyWindow
 from resilient.events import Event, HedgeLaunched
 from resilient.http import Hedging, _transport
 from resilient.testing import FakeClock, Fleet
-from tests.http.conftest import wait_until_async
+from tests.http.conftest import wait_until, wait_until_async
 
 pytestmark = pytest.mark.slow
 
@@ -583,22 +583,59 @@ def connections(transport: httpx.BaseTransport | None) -> list[int]:
 def test_sync_hedges_travel_on_a_pool_of_their_own(fleet: Fleet, threads: bool) -> None:
     # A hedge is sent because its request is late: in the requests' pool it would queue behind
     # them (for httpcore's pool lock, and for a connection when slow requests fill the pool).
-    # Every answer here takes 0.15 s: each request's first attempt runs over the 0.05 s delay
-    # and a copy goes out, on the second pool.
+    # Every answer here takes 0.15 s, so each request is hedged at 0.05 s. The first hedge to the
+    # origin takes the requests' pool (the origin is not hedged often: a pool of its own would
+    # only add a connection); from the second on, hedges go on the second pool.
     fleet[0].set_faults(latency=0.15)
     port = fleet[0].port
     transport = rs.ResilientTransport(hedge=Hedging(delay=0.05, threads=threads), wait=0.0)
     with httpx.Client(transport=transport) as client:
-        for _ in range(3):
+        for _ in range(4):
             response = client.get(fleet.urls[0] + "/items")
             assert response.status_code == 200
             response.close()
-        assert transport._sync_hedge_inner is not None
-        assert connections(transport._sync_hedge_inner) == [port]  # one, kept for each hedge
-        if not threads:  # each cut attempt's connection was closed; threads: the loser's kept
+        hedges = transport._sync_hedge_inner
+        assert hedges is not None
+        if threads:
+            # The first copies win; each hedge loses, and its connection is closed with its
+            # unread answer: the requests' pool keeps the winners' one connection.
+            wait_until(
+                lambda: connections(hedges) == [] and connections(transport._sync_inner) == [port]
+            )
+        else:
+            # Each cut attempt's connection is closed; the hedges' pool keeps the one its three
+            # hedges took in turn.
+            assert connections(hedges) == [port]
             assert connections(transport._sync_inner) == []
-    assert connections(transport._sync_hedge_inner) == []  # closed with the transport
+    assert transport._sync_hedge_inner is None
+    assert connections(hedges) == []  # closed with the transport
+    assert fleet[0].counts().total == 8
+
+
+def test_sync_hedges_to_an_origin_hedged_rarely_take_the_requests_pool(fleet: Fleet) -> None:
+    # A hedge more than 5 s (httpx's keep-alive) after the origin's last would find no
+    # connection kept in a pool of its own: it takes one of the requests' pool instead.
+    fleet[0].set_faults(latency=0.15)
+    clock = FakeClock()
+    transport = rs.ResilientTransport(hedge=Hedging(delay=0.05), wait=0.0, clock=clock)
+    with httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            assert client.get(fleet.urls[0] + "/items").status_code == 200
+            clock.advance(5.5)
+        assert transport._sync_hedge_inner is None
+        assert connections(transport._sync_inner) == [fleet[0].port]  # the last hedge's
     assert fleet[0].counts().total == 6
+
+
+def test_a_closed_transport_builds_no_pool_for_a_late_hedge() -> None:
+    # A `threads=True` race's late hedge may start after the transport closed: a pool built then
+    # would never be closed.
+    transport = rs.ResilientTransport(hedge=Hedging(delay=0.05), clock=FakeClock())
+    request = httpx.Request("GET", "http://127.0.0.1:9/items")
+    transport.close()
+    for _ in range(2):  # the second, within 5 s of the first: the origin is hedged often
+        transport._sync_hedge_transport(request)
+    assert transport._sync_hedge_inner is None
 
 
 def test_sync_hedges_take_the_callers_own_transport_when_it_gave_one(fleet: Fleet) -> None:
@@ -606,9 +643,11 @@ def test_sync_hedges_take_the_callers_own_transport_when_it_gave_one(fleet: Flee
     inner = httpx.HTTPTransport()
     transport = rs.ResilientTransport(inner, hedge=Hedging(delay=0.05), wait=0.0)
     with httpx.Client(transport=transport) as client:
-        assert client.get(fleet.urls[0] + "/items").status_code == 200
+        for _ in range(3):
+            assert client.get(fleet.urls[0] + "/items").status_code == 200
+        assert connections(inner) == [fleet[0].port]  # the last hedge's; the cut ones closed
     assert transport._sync_hedge_inner is None
-    assert fleet[0].counts().total == 2
+    assert fleet[0].counts().total == 6
 
 
 # --- what is never hedged -----------------------------------------------------------------------
