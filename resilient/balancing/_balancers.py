@@ -225,4 +225,13 @@ class Weighted(_Sampling):
             candidate = replicas[min(i, n - 1)]
             if _usable(candidate, tried, panic, now):
                 return candidate
-        return _scan(replicas, tried, panic, now, self._rand)
+        # The draws kept missing (the heavy replicas tried or ejected): still in proportion to
+        # weight among the usable ones, so a weight-0 record stays the last resort it is.
+        usable = [r for r in replicas if _usable(r, tried, panic, now)]
+        if not usable:
+            return None
+        weights = list(itertools.accumulate(r.endpoint.weight for r in usable))
+        if weights[-1] <= 0:
+            return usable[int(self._rand() * len(usable))]
+        i = bisect.bisect_right(weights, self._rand() * weights[-1])
+        return usable[min(i, len(usable) - 1)]

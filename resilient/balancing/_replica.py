@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from resilient.discovery._base import Endpoint
+from resilient.policies._common import check_count
 
 if TYPE_CHECKING:
     from resilient.policies.breaker import CircuitBreaker
@@ -209,6 +210,7 @@ class LatencyWindow:
     def __init__(
         self, size: int = 512, learn: Callable[[LatencyWindow], float | None] | None = None
     ) -> None:
+        check_count("size", size)
         self._samples: list[float] = []
         self._size = size
         self._i = 0

@@ -95,6 +95,18 @@ class Service:
         if not isinstance(self.discovery, Discovery):
             raise ValueError(f"discovery must be a discovery source, got {self.discovery!r}")
         check_fraction("max_ejection", self.max_ejection, allow_zero=True)
+        if self.balancer is not None and not callable(getattr(self.balancer, "pick", None)):
+            raise ValueError(
+                f"balancer must be a Balancer (with a pick method), got {self.balancer!r}"
+            )
+        for name in ("zone", "tls_server_name"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if self.breaker is not None and not callable(self.breaker):
+            raise ValueError(
+                f"breaker must build a CircuitBreaker from a name (a callable), got {self.breaker!r}"
+            )
         if self.service_breaker not in (None, "default") and not isinstance(
             self.service_breaker, CircuitBreaker
         ):
@@ -160,6 +172,7 @@ class ServiceRuntime:
         self.down = 0
         self._tier_of: dict[str, int] = {}
         self._tier_down: list[int] = []
+        self._layout: tuple[tuple[tuple[Replica, ...], ...], list[int]] = ((), [])
         self.latency = LatencyWindow(learn=learn)  # what the transport learns its hedge delay from
         self._by_url: dict[str, Replica] = {}
         spec = service.service_breaker
@@ -202,29 +215,39 @@ class ServiceRuntime:
     def _rebuild(self, endpoints: Iterable[Endpoint]) -> None:
         old = self._by_url
         replicas: list[Replica] = []
+        by_url: dict[str, Replica] = {}
         for endpoint in endpoints:
+            if endpoint.url in by_url:
+                # Listed twice (a restarted server's old ZooKeeper node still alive, two SRV
+                # targets on one address): one server, one replica, as first listed. Two would
+                # share its load twice over, and only one of them could be ejected.
+                continue
             replica = old.get(endpoint.url)
-            if replica is None or replica.endpoint != endpoint:
-                fresh = Replica(endpoint)
-                if replica is not None:  # same replica, new weight or zone: keep what was learned
-                    fresh.breaker, fresh.ewma = replica.breaker, replica.ewma
-                    fresh.ejected, fresh.ejected_until = replica.ejected, replica.ejected_until
-                    fresh.unhealthy = replica.unhealthy
-                replica = fresh
-            if replica.breaker is None:
+            if replica is None:
+                replica = Replica(endpoint)
                 replica.breaker = self._make_breaker(replica)
+            elif replica.endpoint != endpoint:
+                # Same URL, new weight, zone or priority: the same replica, so that what it has
+                # learned and the requests in flight to it stay with it.
+                replica.endpoint = endpoint
             replicas.append(replica)
-        self.replicas = tuple(replicas)
-        self._by_url = {r.url: r for r in replicas}
+            by_url[endpoint.url] = replica
         zone = self.service.zone
         groups: dict[tuple[int, bool], list[Replica]] = {}
         for replica in replicas:
             key = (replica.endpoint.priority, zone is not None and replica.endpoint.zone != zone)
             groups.setdefault(key, []).append(replica)
-        self.tiers = tuple(tuple(groups[key]) for key in sorted(groups))
-        self._tier_of = {r.url: i for i, tier in enumerate(self.tiers) for r in tier}
-        self._tier_down = [sum(1 for r in tier if r.ejected or r.unhealthy) for tier in self.tiers]
-        self.down = sum(self._tier_down)
+        tiers = tuple(tuple(groups[key]) for key in sorted(groups))
+        tier_down = [sum(1 for r in tier if r.ejected or r.unhealthy) for tier in tiers]
+        self.replicas = tuple(replicas)
+        self._by_url = by_url
+        self.tiers = tiers
+        self._tier_of = {r.url: i for i, tier in enumerate(tiers) for r in tier}
+        self._tier_down = tier_down
+        # What `pick` reads, unlocked, in one attribute: a rebuild between reads of `tiers` and
+        # `_tier_down` could leave it indexing one list with the other's positions.
+        self._layout = (tiers, tier_down)
+        self.down = sum(tier_down)
         if self.health is not None:
             self.health.update(r.endpoint for r in replicas)
 
@@ -290,9 +313,6 @@ class ServiceRuntime:
         """More replicas are out than ``max_ejection`` allows: health is ignored."""
         return self.down > self.service.max_ejection * len(self.replicas)
 
-    def _tier_panics(self, index: int) -> bool:
-        return self._tier_down[index] > self.service.max_ejection * len(self.tiers[index])
-
     # -- picking ------------------------------------------------------------------------------------
 
     def pick(self, tried: Collection[Replica]) -> Replica | None:
@@ -308,8 +328,10 @@ class ServiceRuntime:
         # the next, and only when no tier has a usable replica does the first panicking tier take
         # it, ignoring health (Envoy's per-priority panic).
         panicking: list[tuple[Replica, ...]] = []
-        for index, tier in enumerate(self.tiers):
-            if self._tier_panics(index):
+        tiers, tier_down = self._layout
+        max_ejection = self.service.max_ejection
+        for index, tier in enumerate(tiers):
+            if tier_down[index] > max_ejection * len(tier):  # the tier panics
                 panicking.append(tier)
                 continue
             replica = balancer.pick(tier, tried, False, now)

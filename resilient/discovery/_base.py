@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
+from resilient.policies._common import check_positive
+
 __all__ = ["Discovery", "Endpoint", "Snapshot", "Source"]
 
 _log = logging.getLogger("resilient.discovery")
@@ -46,8 +48,11 @@ class Endpoint:
         parsed = httpx.URL(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"url must be an http(s) URL with a host, got {self.url!r}")
-        if not (self.weight >= 0):
-            raise ValueError(f"weight must be >= 0, got {self.weight!r}")
+        check_positive("weight", self.weight, allow_zero=True)
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
+        if self.zone is not None and not isinstance(self.zone, str):
+            raise ValueError(f"zone must be a string or None, got {self.zone!r}")
 
 
 @dataclass(frozen=True, slots=True)

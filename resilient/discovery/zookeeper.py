@@ -275,6 +275,7 @@ def _instance_json(
         raise ValueError(
             f"url must be scheme://host:port with no path, query or userinfo, got {url!r}"
         )
+    Endpoint(url, **_hints(payload))  # weight, zone, priority: what every reader will demand
     https = parsed.scheme == "https"
     port = parsed.port or (443 if https else 80)
     port_variable = "ssl-port" if https else "port"

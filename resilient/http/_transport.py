@@ -954,6 +954,18 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             stale=meter.create_counter("resilient.http.stale_responses", unit="{response}"),
             hedges=meter.create_counter("resilient.http.hedges", unit="{hedge}"),
         )
+        # Discovery starts last, once every argument is known to be good: a source started
+        # before a bad one raised would run on (a DNS thread, a ZooKeeper session) with nothing
+        # left to close it.
+        started: list[ServiceRuntime] = []
+        try:
+            for runtime in self._services.values():
+                runtime.service.discovery.start()
+                started.append(runtime)
+        except BaseException:
+            for runtime in started:
+                runtime.close()
+            raise
 
     # -- configuration ------------------------------------------------------------------------------
 
@@ -973,7 +985,6 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 f"services[{name!r}] must be a discovery source, a Service or a list of URLs, "
                 f"got {spec!r}"
             )
-        service.discovery.start()
         return ServiceRuntime(
             name,
             service,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 
@@ -304,6 +304,15 @@ def test_weighted_with_only_zero_weights_still_picks_a_usable_replica() -> None:
     assert set(picks(Weighted(random=seeded()), pool, 50)) <= {pool[1], pool[2]}
 
 
+def test_weighted_keeps_to_the_weights_when_its_draws_keep_missing() -> None:
+    # The heavy replica is tried: most draws land on it, and the fallback chooses among the rest
+    # still by weight (uniformly, a weight-0 SRV record took a third of the load).
+    pool = [Replica(Endpoint(url(i), weight=w)) for i, w in enumerate((1000.0, 100.0, 1.0, 0.0))]
+    counts = picks(Weighted(random=seeded()), pool, 4000, tried=pool[:1])
+    assert pool[0] not in counts and pool[3] not in counts
+    assert counts[pool[1]] > 3850, counts
+
+
 def test_weighted_skips_tried_replicas_and_redistributes_by_weight() -> None:
     pool = [Replica(Endpoint(url(i), weight=w)) for i, w in enumerate((6.0, 3.0, 1.0))]
     counts = picks(Weighted(random=seeded()), pool, 4000, tried=pool[:1])
@@ -414,6 +423,39 @@ def test_service_validates_its_options() -> None:
         Service(discovery=Static([url(0)]), max_ejection=1.5)
     with pytest.raises(ValueError, match="discovery"):
         Service(discovery=[url(0)])  # type: ignore[arg-type]
+    bad: list[tuple[str, object]] = [
+        ("balancer", "p2c"),
+        ("zone", 3),
+        ("zone", ""),
+        ("tls_server_name", 7),
+        ("breaker", 5),
+    ]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=f"{name} must .*{value!r}"):
+            Service(discovery=Static([url(0)]), **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("weight", float("inf")),
+        ("weight", float("nan")),
+        ("weight", -1.0),
+        ("weight", "2"),
+        ("priority", "1"),
+        ("priority", 1.5),
+        ("priority", True),
+        ("zone", 3),
+    ],
+)
+def test_endpoint_rejects_bad_hints_naming_them(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{field} must"):
+        Endpoint(url(0), **{field: value})  # type: ignore[arg-type]
+
+
+def test_latency_window_needs_room_for_a_sample() -> None:
+    with pytest.raises(ValueError, match="size must be an integer >= 1, got 0"):
+        LatencyWindow(size=0)
 
 
 def test_refresh_builds_the_replicas_once_per_snapshot_version() -> None:
@@ -450,14 +492,58 @@ def test_a_membership_change_keeps_the_state_of_replicas_that_stay() -> None:
 
 
 def test_a_weight_change_keeps_what_was_learned_about_the_replica() -> None:
+    # The same replica, its new endpoint: its latency (and its cost), counts and the requests in
+    # flight to it (they finish on this object) stay. A copy lost its latency's timestamp, so it
+    # cost nothing, and its in-flight count started at 0: the slowest, busiest replica was the
+    # cheapest one to pick (DNS changes SRV weights whenever a target gains an address).
     rt, source, _ = runtime([url(0), url(1)])
     r0 = rt.replicas[0]
     r0.observe(0.030, now=100.0)
-    source.publish([Endpoint(url(0), weight=5.0), Endpoint(url(1))])
+    r0.in_flight, r0.successes, r0.failures = 5, 7, 2
+    cost = r0.cost(now=100.0)
+    source.publish([Endpoint(url(0), weight=5.0, zone="a", priority=1), Endpoint(url(1))])
     rt.refresh()
-    new = rt.replicas[0]
-    assert new.endpoint.weight == 5.0
-    assert new.breaker is r0.breaker and new.ewma == 0.030
+    new = next(r for r in rt.replicas if r.url == url(0))
+    assert new is r0
+    assert (new.endpoint.weight, new.endpoint.zone, new.endpoint.priority) == (5.0, "a", 1)
+    assert (new.in_flight, new.successes, new.failures) == (5, 7, 2)
+    assert new.cost(now=100.0) == cost > 0
+    other = next(r for r in rt.replicas if r.url == url(1))
+    assert [set(t) for t in rt.tiers] == [{other}, {r0}]  # priority 1: a later tier
+
+
+def test_an_endpoint_listed_twice_is_one_replica_that_its_breaker_ejects() -> None:
+    # A restarted server's old ZooKeeper node lives on until its session expires; two SRV
+    # targets may share an address. Two replicas for one URL would share its load twice over,
+    # and only the one kept by URL could be ejected.
+    rt, _, _ = runtime([Endpoint(url(0), weight=2.0), url(1), Endpoint(url(0), weight=9.0)])
+    assert [r.url for r in rt.replicas] == [url(0), url(1)]
+    assert rt.replicas[0].endpoint.weight == 2.0  # as first listed
+    breaker(rt.replicas[0]).open()
+    assert rt.down == 1 and states(rt) == ["ejected", "healthy"]
+    assert {rt.pick(()) for _ in range(50)} == {rt.replicas[1]}
+
+
+def test_a_pick_racing_a_rebuild_that_drops_a_tier_does_not_fail() -> None:
+    # A pick reads the tiers without the lock; a rebuild in between (another thread's request)
+    # that leaves fewer tiers must not make it index the new counts with the old positions.
+    rt, source, _ = runtime([Endpoint(url(0), priority=0), Endpoint(url(1), priority=1)])
+
+    class Rebuilding:
+        def __init__(self) -> None:
+            self.done = False
+
+        def pick(
+            self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
+        ) -> Replica | None:
+            if not self.done:  # first tier: another thread drops priority 1 meanwhile
+                self.done = True
+                source.publish([Endpoint(url(0), priority=0)])
+                rt.refresh()
+            return next((r for r in replicas if r not in tried), None)
+
+    rt.balancer = Rebuilding()
+    assert rt.pick(tried=(rt.replicas[0],)) is not None
 
 
 def test_a_replica_whose_weight_changed_is_still_ejected_by_its_breaker() -> None:

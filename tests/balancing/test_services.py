@@ -1156,3 +1156,43 @@ def test_a_direct_host_still_backs_off_after_a_connect_failure() -> None:
     with httpx.Client(transport=transport) as client:
         assert client.get("http://10.0.0.9:8000/x").status_code == 200
     assert clock.sleeps == [0.05]  # the same server again: full-jitter backoff
+
+
+class Counted(Static):
+    """A static source that counts how often it was started and closed."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        super().__init__(urls)
+        self.started = self.closed = 0
+
+    def start(self) -> None:
+        self.started += 1
+        super().start()
+
+    def close(self) -> None:
+        self.closed += 1
+        super().close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"services": {"zzz.": ["http://127.0.0.1:1"]}}, {"attempts": 0}, {"hedge": 0.05}],
+    ids=["a bad service after it", "a bad option", "a bad hedge"],
+)
+def test_a_transport_that_refuses_its_arguments_leaves_no_discovery_running(
+    bad: dict[str, Any],
+) -> None:
+    # Sources start once every argument is known to be good: one started before a later one
+    # raised (a DNS thread, a ZooKeeper session) would run on with nothing left to close it.
+    source = Counted(["http://127.0.0.1:1"])
+    services: dict[str, Any] = {"orders": source, **bad.pop("services", {})}
+    with pytest.raises(ValueError):
+        rs.ResilientTransport(services=services, **bad)
+    assert source.started == source.closed
+
+
+def test_a_transport_starts_its_discovery_sources_and_closes_them() -> None:
+    source = Counted(["http://127.0.0.1:1"])
+    with rs.ResilientTransport(services={"orders": source}):
+        assert (source.started, source.closed) == (1, 0)
+    assert source.closed == 1

@@ -512,6 +512,12 @@ def test_source_arguments_are_checked(kwargs: dict[str, Any], message: str) -> N
         ("http://127.0.0.1:80/prefix", {}, "url"),
         ("http://127.0.0.1:80", {"id": "a/b"}, "id"),
         ("http://127.0.0.1:80", {"payload": object()}, "payload"),
+        # Hints every reader would reject (and so skip the node: no traffic for the server).
+        ("http://127.0.0.1:80", {"payload": {"weight": -1}}, "weight"),
+        ("http://127.0.0.1:80", {"payload": {"weight": "heavy"}}, "weight"),
+        ("http://127.0.0.1:80", {"payload": {"zone": 3}}, "zone"),
+        ("http://127.0.0.1:80", {"payload": {"priority": 1.5}}, "priority"),
+        ("http://127.0.0.1:80", {"payload": {"metadata": {"weight": "x"}}}, "weight"),
         ("http://127.0.0.1:80", {"session_timeout": -1}, "session_timeout"),
     ],
 )
