@@ -28,7 +28,7 @@ def compile_matcher(on: object, field: str) -> Callable[[BaseException], bool]:
             raise ValueError(f"{field} must be exception classes, got {on!r}")
         classes = on
         return lambda exc: isinstance(exc, classes) and isinstance(exc, Exception)
-    if callable(on):
+    if callable(on) and not isinstance(on, type):  # a class that is no exception is a mistake
         predicate = on
         return lambda exc: isinstance(exc, Exception) and bool(predicate(exc))
     raise ValueError(

@@ -134,7 +134,8 @@ class CircuitBreaker(Policy):
     """Fail fast while a dependency is failing; let a few probes through to find out when it is back.
 
     Opens when, over the last ``window`` seconds (or the last ``window_calls`` calls), at least
-    ``min_calls`` calls were made and the share that failed is at least ``failure_rate``; or after
+    ``min_calls`` calls were made (at most ``window_calls``) and the share that failed is at least
+    ``failure_rate``; or after
     ``consecutive_failures`` failures in a row; or, with ``slow_call_duration`` set, when the share of
     calls that slow reaches ``slow_call_rate``. Exceptions matching ``on`` are failures; other
     exceptions mean the dependency answered, so they count as successes. ``result(value) -> True``
@@ -216,6 +217,10 @@ class CircuitBreaker(Policy):
         if self.window_calls is not None:
             check_count("window_calls", self.window_calls)
         check_count("min_calls", self.min_calls)
+        if self.window_calls is not None and self.min_calls > self.window_calls:
+            # A window of N calls never holds more than N: the failure rate would never be
+            # judged. As resilience4j does, the minimum is the window's size.
+            object.__setattr__(self, "min_calls", self.window_calls)
         if self.consecutive_failures is not None:
             check_count("consecutive_failures", self.consecutive_failures)
         check_positive("open_for", self.open_for)
@@ -734,21 +739,35 @@ class CircuitBreaker(Policy):
             )
         if gen == REJECTED:
             raise self._reject()
-        if self.listeners:
-            for listener in self.listeners:
-                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        try:  # as in `_execute`: the user's code may raise, and the permit goes back then
+            self._before_call(thunk)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release_async(gen)
+            raise
         started = self._clock.monotonic()
         try:
             result = await thunk()
         except Exception as exc:
-            await self._shared_outcome_async(gen, self._is_failure(exc), started, exc)
+            try:
+                failed = self._is_failure(exc)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._release_async(gen)
+                raise
+            await self._shared_outcome_async(gen, failed, started, exc)
             raise
         except BaseException:
             # Cancelled: give a probe permit back (a round trip only when probing).
             with anyio.CancelScope(shield=True):
                 await self._release_async(gen)
             raise
-        failed = self.result is not None and bool(self.result(result))
+        try:
+            failed = self.result is not None and bool(self.result(result))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release_async(gen)
+            raise
         await self._shared_outcome_async(gen, failed, started, None)
         return result
 
@@ -879,15 +898,24 @@ class CircuitBreaker(Policy):
         gen = self._acquire()
         if gen == REJECTED:
             raise self._reject()
-        if self.listeners:
-            for listener in self.listeners:
-                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        # The user's code below (listeners, the ``on=`` and ``result=`` predicates) may raise: the
+        # permit goes back then, or a half-open breaker's probe slot would be gone for good.
+        try:
+            self._before_call(thunk)
+        except BaseException:
+            self._release(gen)
+            raise
         clock = self._clock
         started = clock.monotonic()
         try:
             result = thunk()
         except Exception as exc:
-            if self._is_failure(exc):
+            try:
+                failed = self._is_failure(exc)
+            except BaseException:
+                self._release(gen)
+                raise
+            if failed:
                 self._failure(gen, clock.monotonic() - started, exc)
             else:
                 self._success(gen, clock.monotonic() - started)
@@ -895,11 +923,21 @@ class CircuitBreaker(Policy):
         except BaseException:
             self._release(gen)
             raise
-        if self.result is not None and self.result(result):
+        try:
+            failed = self.result is not None and bool(self.result(result))
+        except BaseException:
+            self._release(gen)
+            raise
+        if failed:
             self._failure(gen, clock.monotonic() - started, None)
         else:
             self._success(gen, clock.monotonic() - started)
         return result
+
+    def _before_call(self, thunk: Callable[..., Any]) -> None:
+        if self.listeners:
+            for listener in self.listeners:
+                listener.before_call(self, thunk)  # type: ignore[arg-type]
 
     async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
         rt = self._rt
@@ -923,15 +961,22 @@ class CircuitBreaker(Policy):
         gen = self._acquire()
         if gen == REJECTED:
             raise self._reject()
-        if self.listeners:
-            for listener in self.listeners:
-                listener.before_call(self, thunk)  # type: ignore[arg-type]
+        try:  # as in `_execute`: the user's code may raise, and the permit goes back then
+            self._before_call(thunk)
+        except BaseException:
+            self._release(gen)
+            raise
         clock = self._clock
         started = clock.monotonic()
         try:
             result = await thunk()
         except Exception as exc:
-            if self._is_failure(exc):
+            try:
+                failed = self._is_failure(exc)
+            except BaseException:
+                self._release(gen)
+                raise
+            if failed:
                 self._failure(gen, clock.monotonic() - started, exc)
             else:
                 self._success(gen, clock.monotonic() - started)
@@ -939,7 +984,12 @@ class CircuitBreaker(Policy):
         except BaseException:
             self._release(gen)
             raise
-        if self.result is not None and self.result(result):
+        try:
+            failed = self.result is not None and bool(self.result(result))
+        except BaseException:
+            self._release(gen)
+            raise
+        if failed:
             self._failure(gen, clock.monotonic() - started, None)
         else:
             self._success(gen, clock.monotonic() - started)

@@ -135,6 +135,8 @@ class Retry(Policy):
             raise ValueError(f"result must be a predicate, got {self.result!r}")
         if self.stop is not None and not callable(self.stop):
             raise ValueError(f"stop must be a tenacity stop strategy, got {self.stop!r}")
+        if self.random is not None and not callable(self.random):
+            raise ValueError(f"random must be a function returning [0, 1), got {self.random!r}")
         if self.budget is not None and not isinstance(self.budget, RetryBudget):
             raise ValueError(f"budget must be a RetryBudget, got {self.budget!r}")
         match = None if isinstance(self.on, tenacity.retry_base) else compile_matcher(self.on, "on")
@@ -184,8 +186,6 @@ class Retry(Policy):
             return _NOT_RETRYABLE
         if st.attempt >= self.attempts:
             return "attempts"
-        if self.stop is not None and self.stop(self._tenacity_state(st, exc, value, now)):
-            return "stop"
         wait = self.wait
         if wait is None:
             delay = full_jitter(st.attempt, self._rand())
@@ -195,6 +195,13 @@ class Retry(Policy):
             delay = float(wait(self._tenacity_state(st, exc, value, now)))
         if not math.isfinite(delay) or delay < 0:
             delay = 0.0
+        if self.stop is not None:
+            # As tenacity does: the wait first, so that a stop strategy sees the coming sleep
+            # (``stop_before_delay`` does not start one that would cross its limit).
+            ts = self._tenacity_state(st, exc, value, now)
+            ts.upcoming_sleep = delay
+            if self.stop(ts):
+                return "stop"
         deadline_at = st.deadline_at
         ambient = _DEADLINE.get()
         if ambient is not None:

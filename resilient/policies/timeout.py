@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,8 @@ from resilient.policies._common import check_positive, resolve_clock
 from resilient.policies.retry import _discard
 
 __all__ = ["Timeout"]
+
+_log = logging.getLogger("resilient.timeout")
 
 T = TypeVar("T")
 
@@ -121,7 +124,10 @@ class LoopTimer:
             entry[_STATE] = _FIRED
             self.live -= 1
             callback, entry[_CALLBACK] = entry[_CALLBACK], None
-            callback()
+            try:
+                callback()
+            except Exception:  # one callback's bug must not stop the others' timers
+                _log.exception("a timer callback raised")
 
     def finish(self, entry: _Entry) -> None:
         if entry[_STATE] == _LIVE:
@@ -231,6 +237,12 @@ class Timeout(Policy):
         except asyncio.CancelledError:
             if entry[_STATE] == _FIRED and _uncancel(task) <= cancelling:
                 raise self._expired(allowed) from None
+            raise
+        except BaseException:
+            if entry[_STATE] == _FIRED:
+                # The call turned our cancellation into another error, which stands (as with
+                # `asyncio.timeout`); the task's count is kept balanced all the same.
+                _uncancel(task)
             raise
         finally:
             _DEADLINE.reset(token)

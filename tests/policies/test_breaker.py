@@ -159,6 +159,81 @@ def test_count_window_keeps_the_last_n_calls() -> None:
     assert state(breaker) == "open"
 
 
+def test_a_count_window_smaller_than_min_calls_still_judges_the_failure_rate() -> None:
+    # A window of 10 calls never holds 20: with the default min_calls the rate was never judged.
+    breaker = rs.CircuitBreaker(failure_rate=0.5, window_calls=10, clock=FakeClock())
+    assert breaker.min_calls == 10
+    for _ in range(10):
+        run(breaker, fail)
+    assert state(breaker) == "open"
+
+
+class _Raising(pybreaker.CircuitBreakerListener):
+    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("listener bug")
+
+
+def _breaker_whose_code_raises(where: str, clock: FakeClock) -> rs.CircuitBreaker:
+    """A half-open breaker whose ``on=``, ``result=`` or listener raises on its probe."""
+    broken = {"armed": False}
+
+    def on(exc: BaseException) -> bool:
+        if broken["armed"]:
+            raise RuntimeError("predicate bug")
+        return True
+
+    def result(value: object) -> bool:
+        if broken["armed"]:
+            raise RuntimeError("predicate bug")
+        return False
+
+    breaker = rs.CircuitBreaker(
+        consecutive_failures=1,
+        open_for=1.0,
+        clock=clock,
+        on=on if where == "on" else OSError,
+        result=result if where == "result" else None,
+    )
+    run(breaker, fail)
+    clock.advance(1.0)
+    assert state(breaker) == "half_open"
+    broken["armed"] = True
+    if where == "listener":
+        object.__setattr__(breaker, "listeners", (_Raising(),))
+        object.__setattr__(breaker, "_plain", False)
+    return breaker
+
+
+@pytest.mark.parametrize("where", ["on", "result", "listener"])
+def test_a_probe_whose_predicate_or_listener_raises_gives_its_slot_back(where: str) -> None:
+    # The probe's slot was gone for good: every later call was refused, the breaker half open
+    # forever. The user's error still reaches the caller.
+    clock = FakeClock()
+    breaker = _breaker_whose_code_raises(where, clock)
+    with pytest.raises(RuntimeError):
+        breaker.call(fail if where == "on" else ok)
+    assert breaker.try_acquire()  # the slot is there to take
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["on", "result", "listener"])
+async def test_an_async_probe_whose_predicate_or_listener_raises_gives_its_slot_back(
+    where: str,
+) -> None:
+    clock = FakeClock()
+    breaker = _breaker_whose_code_raises(where, clock)
+
+    async def afail() -> None:
+        raise OSError("down")
+
+    async def aok() -> str:
+        return "ok"
+
+    with pytest.raises(RuntimeError):
+        await breaker.call_async(afail if where == "on" else aok)
+    assert breaker.try_acquire()  # the slot is there to take
+
+
 def test_consecutive_failures_open_regardless_of_min_calls() -> None:
     breaker = rs.CircuitBreaker(consecutive_failures=3, min_calls=100, clock=FakeClock())
     run(breaker, fail)

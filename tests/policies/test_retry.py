@@ -181,6 +181,20 @@ def test_tenacity_wait_and_stop_strategies() -> None:
     assert "the stop strategy said so" in notes(info.value)[0]
 
 
+def test_a_stop_strategy_sees_the_coming_wait() -> None:
+    # tenacity's stop_before_delay does not start a sleep that would cross its limit: it reads
+    # the coming sleep, which must be known before the stop strategy is asked.
+    clock = FakeClock()
+    fn = Flaky(10, clock=clock, takes=0.5)
+    retry = rs.Retry(
+        on=OSError, attempts=10, wait=0.8, stop=tenacity.stop_before_delay(1.0), clock=clock
+    )
+    with pytest.raises(OSError):
+        retry.call(fn)
+    assert fn.calls == 1  # 0.5 s in, a 0.8 s wait would cross 1.0 s
+    assert clock.sleeps == []
+
+
 def test_deadline_never_slept_past() -> None:
     # Retry(deadline=0.5) with a 0.4 s wait: the second wait would end at 0.8 s, so it gives up
     # at 0.4 s instead of starting an attempt that cannot finish in time.
@@ -259,6 +273,8 @@ def test_no_events_on_success() -> None:
         ({"on": ()}, "on"),
         ({"budget": 3}, "budget"),
         ({"result": 1}, "result"),
+        ({"random": 0.5}, "random"),
+        ({"on": int}, "on"),
     ],
 )
 def test_bad_configuration_names_the_field_and_value(kwargs: dict[str, Any], field: str) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import time
 import weakref
 
@@ -11,7 +12,7 @@ import pytest
 
 import resilient as rs
 from resilient.events import Event, TimedOut
-from resilient.policies.timeout import LoopTimer, loop_timer
+from resilient.policies.timeout import LoopTimer, _cancelling, loop_timer
 from resilient.testing import FakeClock
 
 
@@ -137,6 +138,44 @@ async def test_an_entry_added_while_the_timer_fires_is_not_delayed() -> None:
     await asyncio.wait_for(soon.wait(), timeout=1.0)  # well before 2 s
     assert fired == ["soon"]
     assert "late" not in fired
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_raising_timer_callback_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    timer = LoopTimer(loop)
+    fired = asyncio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("callback bug")
+
+    now = loop.time()
+    timer.add(broken, now)
+    timer.add(fired.set, now + 0.02)
+    await asyncio.wait_for(fired.wait(), timeout=1.0)
+    assert "a timer callback raised" in caplog.text
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11's")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_call_that_turns_the_timeouts_cancellation_into_an_error_leaves_no_count() -> None:
+    # Its error stands (as with asyncio.timeout), and the task is not left "being cancelled":
+    # a TaskGroup or asyncio.timeout later in the task would take that for a pending cancel.
+    async def converts() -> None:
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise ConnectionError("gave up") from None
+
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(ConnectionError):
+        await rs.Timeout(0.02).call_async(converts)
+    assert _cancelling(task) == 0
 
 
 def test_the_shared_timer_lets_finished_loops_go() -> None:

@@ -249,6 +249,28 @@ async def test_a_cancelled_async_probe_gives_its_claim_back(
     await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_an_async_probe_whose_result_predicate_raises_gives_its_claim_back(
+    anyio_backend: str, store: RedisStore
+) -> None:
+    def broken(value: object) -> bool:
+        raise RuntimeError("predicate bug")
+
+    one = rs.CircuitBreaker(name="predicate", open_for=0.05, store=store, result=broken)
+    two = rs.CircuitBreaker(name="predicate", open_for=0.05, store=store)
+    one.open()
+    await anyio.sleep(0.06)
+
+    async def answers() -> str:
+        return "ok"
+
+    with pytest.raises(RuntimeError, match="predicate bug"):
+        await one.call_async(answers)
+    assert two.try_acquire()  # the fleet's one probe was given back
+    two.on_success(0.01)
+    await store.aclose()
+
+
 def test_deposits_are_sent_in_batches(store: RedisStore) -> None:
     clock = FakeClock()
     sender = rs.RetryBudget(
