@@ -38,9 +38,10 @@ class _Entry:
     stale_for: float
 
 
-def _key(request: httpx.Request) -> str:
+def _key(request: httpx.Request, url: httpx.URL | None = None) -> str:
+    """The entry's key: ``url`` (a service's own URL) or the request's."""
     # userinfo never becomes part of a key: keys may be listed in debugging output
-    return str(request.url.copy_with(username=None, password=None))
+    return str((url or request.url).copy_with(username=None, password=None))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -99,7 +100,9 @@ class StaleIfError:
         match = _STALE_IF_ERROR.search(cache_control)
         return float(match.group(1)) if match else self.stale_for
 
-    def _store(self, request: httpx.Request, response: httpx.Response, content: bytes) -> None:
+    def _store(
+        self, request: httpx.Request, response: httpx.Response, content: bytes, key: str
+    ) -> None:
         stale_for = self._stale_window(request, response)
         if stale_for is None:
             return
@@ -110,31 +113,36 @@ class StaleIfError:
             self._clock.monotonic(),
             stale_for,
         )
-        key = _key(request)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def wrap(self, request: httpx.Request, response: httpx.Response) -> httpx.Response:
-        """Arrange for a good GET response to be kept once the caller has read all of it."""
+    def wrap(
+        self, request: httpx.Request, response: httpx.Response, url: httpx.URL | None = None
+    ) -> httpx.Response:
+        """Arrange for a good GET response to be kept once the caller has read all of it, under
+        ``url`` (a service's own URL, for a request sent to one of its replicas) or the
+        request's."""
         if self._stale_window(request, response) is None:
             return response
+        key = _key(request, url)  # now: the request may be sent elsewhere before it is read
         try:
             content = response.content  # the inner transport may have read the body already
         except httpx.ResponseNotRead:
-            response.stream = _Tee(self, request, response)
+            response.stream = _Tee(self, request, response, key)
         else:
-            self._store(request, response, content)
+            self._store(request, response, content, key)
         return response
 
-    def lookup(self, request: httpx.Request) -> httpx.Response | None:
-        """A stale copy of the last good answer to this GET, if one may still be served."""
+    def lookup(self, request: httpx.Request, url: httpx.URL | None = None) -> httpx.Response | None:
+        """A stale copy of the last good answer to this GET (kept under ``url``, if given), if
+        one may still be served."""
         if request.method != "GET":
             return None
         with self._lock:
-            entry = self._entries.get(_key(request))
+            entry = self._entries.get(_key(request, url))
         if entry is None:
             return None
         age = self._clock.monotonic() - entry.stored_at
@@ -150,8 +158,11 @@ class StaleIfError:
 class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     """Pass the body through to the caller and keep a copy; store it when the body is complete."""
 
-    def __init__(self, cache: StaleIfError, request: httpx.Request, response: httpx.Response):
+    def __init__(
+        self, cache: StaleIfError, request: httpx.Request, response: httpx.Response, key: str
+    ):
         self._cache = cache
+        self._key = key
         self._request = request
         self._response = response
         self._inner = response.stream
@@ -169,7 +180,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def _done(self) -> None:
         if self._parts is not None:
-            self._cache._store(self._request, self._response, b"".join(self._parts))
+            self._cache._store(self._request, self._response, b"".join(self._parts), self._key)
             self._parts = None
 
     def __iter__(self) -> Iterator[bytes]:

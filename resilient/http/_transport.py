@@ -320,6 +320,7 @@ class _Call:
         "last_duration",
         "logical",
         "logical_host",
+        "logical_sni",
         "lost",
         "retry",
         "sent",
@@ -342,6 +343,7 @@ class _Call:
         self.service: ServiceRuntime | None = None
         self.logical: httpx.URL | None = None
         self.logical_host: str | None = None
+        self.logical_sni: Any = None  # the caller's sni_hostname extension, if any
         self.tried: tuple[Replica, ...] = ()  # a tuple: no list to make for a direct host
         self.first: Replica | None = None  # already picked for the first attempt (short path)
         self.host: _Host | None = None
@@ -524,6 +526,7 @@ class _AsyncioRace:
         "done",
         "hedges",
         "host",
+        "kept",
         "loop",
         "primary",
         "request",
@@ -544,6 +547,7 @@ class _AsyncioRace:
         host: _Host | None = None,
         task: asyncio.Task[Any] | None = None,
         cancelling: int | None = None,
+        context: contextvars.Context | None = None,
     ) -> None:
         """A race for the caller's task; with ``task``, one that a `_HedgeWatch` starts late,
         when its first hedge is due (``cancelling``: the task's count when it asked)."""
@@ -560,14 +564,16 @@ class _AsyncioRace:
         self.task = task
         self.hedges: list[asyncio.Task[httpx.Response]] = []
         self.winner: httpx.Response | None = None
+        # A hedge's answer that is no good (a 503): what the request gets if its own attempt
+        # raised and no hedge does better, as in the sync and trio races.
+        self.kept: httpx.Response | None = None
         self.primary = True
         self.done = False
         self.timers = timers = loop_timer(loop)
-        # The caller's context, for its hedges: the shared timer's callback runs in the context
-        # of whichever task last scheduled it, and a hedge would take another request's
-        # (its store round trips, its span). A race a `_HedgeWatch` starts has none to take:
-        # short-path requests have neither.
-        self.context = contextvars.copy_context() if scheduled else None
+        # The caller's context, for its hedges: the shared timer's callback (and a watch's
+        # sweep) runs in the context of whichever task scheduled it, and a hedge would take
+        # another request's (its store round trips, its span, the caller's own variables).
+        self.context = contextvars.copy_context() if scheduled else context
         # Our entry in the loop's shared timer: the next hedge is due after ``delay``.
         self.timer: list[Any] | None = (
             timers.add(self._launch, loop.time() + delay) if scheduled else None
@@ -614,8 +620,13 @@ class _AsyncioRace:
         if hedge.cancelled() or hedge.exception() is not None:
             return
         response = hedge.result()
-        if self.done or self.winner is not None or not self.transport._good(response):
+        if self.done or self.winner is not None:
             self.loop.create_task(response.aclose())
+            return
+        if not self.transport._good(response):
+            if self.kept is not None:
+                self.loop.create_task(self.kept.aclose())
+            self.kept = response
             return
         self.winner = response
         self.call_state().lost = True
@@ -634,6 +645,9 @@ class _AsyncioRace:
         if self.winner is not None:
             self.loop.create_task(self.winner.aclose())
             self.winner = None
+        if self.kept is not None:
+            self.loop.create_task(self.kept.aclose())
+            self.kept = None
 
     def _take_winner(self) -> httpx.Response:
         winner, self.winner = self.winner, None
@@ -683,7 +697,13 @@ class _AsyncioRace:
         self.primary = False
         try:
             if isinstance(outcome, httpx.Response):
-                if not self.transport._good(outcome) and await self._wait_for_hedges():
+                try:
+                    better = not self.transport._good(outcome) and await self._wait_for_hedges()
+                except BaseException:
+                    # Cancelled while waiting for a hedge: nobody will take this answer.
+                    self.loop.create_task(outcome.aclose())
+                    raise
+                if better:
                     await outcome.aclose()  # a retryable answer, and a hedge did better
                     return self._take_winner()
                 if self.hedges:
@@ -692,8 +712,12 @@ class _AsyncioRace:
             if isinstance(outcome, asyncio.CancelledError):
                 if self.winner is not None and _uncancel(self.task) <= self.cancelling:
                     return self._take_winner()  # a hedge won and cancelled the caller's attempt
-            elif isinstance(outcome, Exception) and await self._wait_for_hedges():
-                return self._take_winner()
+            elif isinstance(outcome, Exception):
+                if await self._wait_for_hedges():
+                    return self._take_winner()
+                if self.kept is not None:  # a hedge's answer beats the attempt's error
+                    kept, self.kept = self.kept, None
+                    return kept
             raise outcome
         finally:
             self._stop()
@@ -716,9 +740,12 @@ class _HedgeWatch:
         # Weakly, and no TimerHandle kept, as in `LoopTimer`: a host keeps its watches in a weak
         # dictionary by loop, and a watch that held its loop would keep it alive for good.
         self.loop = weakref.ref(loop)
-        #: task -> (deadline, transport, request, host, delay, the task's cancellation count)
+        #: task -> (deadline, transport, request, host, delay, the task's cancellation count,
+        #: its context: its hedges run in it, not in the context of whichever request's call
+        #: scheduled the sweep)
         self.pending: dict[
-            asyncio.Task[Any], tuple[float, ResilientTransport, httpx.Request, _Host, float, int]
+            asyncio.Task[Any],
+            tuple[float, ResilientTransport, httpx.Request, _Host, float, int, contextvars.Context],
         ] = {}
         self.raced: dict[asyncio.Task[Any], _AsyncioRace] = {}
         self.handle_at = float("inf")  # when the pending loop callback is due (none: never)
@@ -738,7 +765,15 @@ class _HedgeWatch:
         task = asyncio.current_task(loop)
         assert task is not None
         at = loop.time() + delay
-        self.pending[task] = (at, transport, request, host, delay, _cancelling(task))
+        self.pending[task] = (
+            at,
+            transport,
+            request,
+            host,
+            delay,
+            _cancelling(task),
+            contextvars.copy_context(),
+        )
         if at < self.last_at:
             self.ordered = False
         self.last_at = at
@@ -776,8 +811,10 @@ class _HedgeWatch:
             loop.call_at(later, self._sweep, later)
             self.handle_at = later
         for task in due:
-            _, transport, request, host, delay, cancelling = pending.pop(task)
-            race = _AsyncioRace(transport, request, None, delay, loop, host, task, cancelling)
+            _, transport, request, host, delay, cancelling, context = pending.pop(task)
+            race = _AsyncioRace(
+                transport, request, None, delay, loop, host, task, cancelling, context
+            )
             self.raced[task] = race
             race._launch()
 
@@ -1097,6 +1134,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 call.service = service
                 call.logical = url
                 call.logical_host = request.headers.get("Host")
+                call.logical_sni = request.extensions.get("sni_hostname")
                 window = service.latency
         if window is None:
             call.host = host = self._host(request.url)
@@ -1245,7 +1283,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         ):
             return None
         if isinstance(fallback, StaleIfError):
-            stale = fallback.lookup(request)
+            # A service's answers are kept under its own URL, not the replica's that served them.
+            stale = fallback.lookup(request, call.logical)
         else:
             stale = fallback(request, outcome)
         if stale is not None:
@@ -1262,7 +1301,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         # httpx gives every response its own extensions dict: set the key in place.
         response.extensions["resilient"] = {"attempts": call.attempt, "stale": False}
         if isinstance(self.fallback, StaleIfError) and response.status_code == 200:
-            return self.fallback.wrap(request, response)
+            return self.fallback.wrap(request, response, call.logical)
         return response
 
     def _rejected(self, request: httpx.Request, exc: CircuitOpenError) -> None:
@@ -1683,6 +1722,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         gen = 0 if breaker is None else breaker._rt.generation
         logical = request.url
         logical_host = request.headers.get("Host")
+        logical_sni = request.extensions.get("sni_hostname")
         self._route(request, logical, replica, service)
         try:
             own = request.extensions.get("timeout")
@@ -1735,6 +1775,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             call.service = service
             call.logical = logical
             call.logical_host = logical_host
+            call.logical_sni = logical_sni
             call.tried = (replica,)
             attempt = (breaker, gen, None, latency, replica, started)
             if failed is not None:
@@ -1743,7 +1784,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 self._attempt_answered(attempt, call, response)
             return self._guarded_from(request, call, guard, guard_gen, failed or response)
         finally:
-            self._unroute_to(request, logical, logical_host)
+            self._unroute_to(request, logical, logical_host, logical_sni)
 
     def _handle(self, request: httpx.Request, first: Replica | None = None) -> httpx.Response:
         """The whole path of a request; ``first``, a replica of its service already picked for
@@ -2039,16 +2080,21 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """Give the caller back the request it sent: httpx uses ``response.request`` for
         redirects and cookies, which must stay on the service, not on one replica."""
         assert call.logical is not None
-        ResilientTransport._unroute_to(request, call.logical, call.logical_host)
+        ResilientTransport._unroute_to(request, call.logical, call.logical_host, call.logical_sni)
 
     @staticmethod
-    def _unroute_to(request: httpx.Request, logical: httpx.URL, logical_host: str | None) -> None:
+    def _unroute_to(
+        request: httpx.Request, logical: httpx.URL, logical_host: str | None, logical_sni: Any
+    ) -> None:
         request.url = logical
         if logical_host is None:
             request.headers.pop("Host", None)
         else:
             request.headers["Host"] = logical_host
-        request.extensions.pop("sni_hostname", None)
+        if logical_sni is None:
+            request.extensions.pop("sni_hostname", None)
+        else:
+            request.extensions["sni_hostname"] = logical_sni  # the caller's own
 
     def _guarded(self, request: httpx.Request, call: _Call) -> httpx.Response:
         guard = call.service.breaker if call.service is not None else None
@@ -2442,24 +2488,32 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             changed.set()
             changed = anyio.Event()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, request, tg)
-            launched = 1
-            start = anyio.current_time()
-            while launched <= self.hedge.max_hedges:
-                due = start + delay * launched  # on schedule, whatever woke us meanwhile
-                while not winner and len(outcomes) < launched:
-                    left = due - anyio.current_time()
-                    if left <= 0:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, request, tg)
+                launched = 1
+                start = anyio.current_time()
+                while launched <= self.hedge.max_hedges:
+                    due = start + delay * launched  # on schedule, whatever woke us meanwhile
+                    while not winner and len(outcomes) < launched:
+                        left = due - anyio.current_time()
+                        if left <= 0:
+                            break
+                        with anyio.move_on_after(left):
+                            await changed.wait()
+                    if winner or len(outcomes) == launched:
+                        break  # decided, or every attempt so far failed: the retry loop acts
+                    if not self._may_hedge(request, launched, delay * launched):
                         break
-                    with anyio.move_on_after(left):
-                        await changed.wait()
-                if winner or len(outcomes) == launched:
-                    break  # decided, or every attempt so far has failed: let the retry loop act
-                if not self._may_hedge(request, launched, delay * launched):
-                    break
-                tg.start_soon(run, _clone(request), tg)
-                launched += 1
+                    tg.start_soon(run, _clone(request), tg)
+                    launched += 1
+        except BaseException:
+            # Cancelled (or failed) with answers in hand: nobody will take them.
+            with anyio.CancelScope(shield=True):
+                for kept in (*winner, *outcomes):
+                    if isinstance(kept, httpx.Response):
+                        await kept.aclose()
+            raise
         responses = [o for o in outcomes if isinstance(o, httpx.Response)]
         if winner:
             for extra in responses:
@@ -2556,7 +2610,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             ):
                 return self._finish(request, call, response)  # the common case, kept short
             if _later.IN_USE:
-                await _later.flush_pending()
+                try:
+                    await _later.flush_pending()
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()  # cancelled: nobody will take it
+                    raise
             decision = self._decide(request, call, response=response)
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)

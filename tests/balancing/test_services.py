@@ -1196,3 +1196,23 @@ def test_a_transport_starts_its_discovery_sources_and_closes_them() -> None:
     with rs.ResilientTransport(services={"orders": source}):
         assert (source.started, source.closed) == (1, 0)
     assert source.closed == 1
+
+
+def test_a_service_request_keeps_the_callers_own_sni_hostname(fleet: Fleet) -> None:
+    with httpx.Client(transport=transport(fleet)) as client:
+        request = client.build_request(
+            "GET", "http://orders/x", extensions={"sni_hostname": "api.example"}
+        )
+        assert client.send(request).status_code == 200
+    assert request.extensions["sni_hostname"] == "api.example"
+    assert request.url == httpx.URL("http://orders/x")
+
+
+@pytest.mark.anyio
+async def test_a_service_request_keeps_the_callers_own_sni_hostname_async(fleet: Fleet) -> None:
+    async with httpx.AsyncClient(transport=transport(fleet)) as client:
+        request = client.build_request(
+            "GET", "http://orders/x", extensions={"sni_hostname": "api.example"}
+        )
+        assert (await client.send(request)).status_code == 200
+    assert request.extensions["sni_hostname"] == "api.example"

@@ -10,6 +10,7 @@ bounded, with wide margins (a delayed server answer is always several times the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import sys
 import threading
@@ -1265,3 +1266,85 @@ async def test_a_race_without_a_winner_leaves_no_lost_mark_on_the_next_round(
             await client.get(f"{fleet.urls[0]}/x")
     assert fleet[0].counts().total == 4  # two copies in each round
     assert breaker.metrics()["failures"] == 2  # round 1's two 503s, nothing of round 2
+
+
+@pytest.mark.anyio
+async def test_a_caller_cancelled_while_its_race_waits_for_a_hedge_leaves_no_connection_held(
+    fleet: Fleet, anyio_backend: str
+) -> None:
+    # The first copy answers 503 at 0.1 s while its hedge (sent at 0.05 s) still runs; the caller
+    # gives up at 0.3 s, while the race waits for the hedge. Nobody takes that 503 any more:
+    # unclosed, it held one of the pool's two connections for good, and two such requests
+    # left every later one waiting for a connection (PoolTimeout).
+    url = fleet.urls[0] + "/items"
+    inner = Scripted(
+        lambda n: Fault(delay=0.1, status=503) if n % 2 == 0 else Fault(delay=5.0),
+        limits=httpx.Limits(max_connections=2),
+    )
+    transport = make(inner, Hedging(delay=0.05, trio=True), attempts=1, breaker=None)
+    async with Harness(anyio_backend, transport, pool=0.5) as h:
+        for _ in range(2):
+            with anyio.move_on_after(0.3) as scope:
+                await h.get(url)
+            assert scope.cancelled_caught
+        await anyio.sleep(0.05)  # (asyncio closes them in tasks of their own)
+        response = await h.get(
+            url, extensions={"resilient": {"hedge": False}}, timeout=httpx.Timeout(5.0, pool=0.5)
+        )
+    assert response.status_code in (200, 503)  # it got a connection
+
+
+class Recording(Scripted):
+    """`Scripted`, noting which request's context each attempt was sent in."""
+
+    def __init__(self, script: Callable[[int], Fault | None]) -> None:
+        super().__init__(script)
+        self.contexts: list[tuple[str, str]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.contexts.append((request.url.path, WHO.get()))
+        return await super().handle_async_request(request)
+
+
+WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="-")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_asyncio_hedges_run_in_their_own_requests_context(fleet: Fleet) -> None:
+    # The short path watches hedgeable requests and races one when its hedge is due; the race
+    # was made in the context of whichever request had scheduled the watch's wake-up, so B's
+    # hedge saw A's context variables (a tenant, a log id, the current span).
+    inner = Recording(lambda n: Fault(delay=0.3) if n in (1, 2) else None)
+    transport = make(inner, Hedging(delay=0.05))
+    base = fleet.urls[0]
+
+    async def one(client: httpx.AsyncClient, name: str, pause: float) -> None:
+        await anyio.sleep(pause)
+        WHO.set(name)
+        assert (await client.get(f"{base}/{name}")).status_code == 200
+
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get(base + "/warm")  # the host is known: the short path from here
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, client, "A", 0.0)
+            tg.start_soon(one, client, "B", 0.02)
+    hedged = [c for c in inner.contexts if c[0] != "/warm"]
+    assert len(hedged) == 4  # a first copy and a hedge each
+    assert all(path == "/" + who for path, who in hedged), hedged
+
+
+@ALL_MODES
+@pytest.mark.anyio
+async def test_a_race_whose_first_copy_raised_answers_with_its_hedges_answer(
+    fleet: Fleet, mode: Mode
+) -> None:
+    # The first copy times out at 0.1 s; its hedge (0.05 s) answered 503 before that. With no
+    # attempt left, the request gets the hedge's 503 (an answer beats an error) on every
+    # runtime: asyncio closed it and raised the timeout.
+    inner = Scripted(first(Fault(delay=1.0, read_timeout=0.1), Fault(status=503)))
+    transport = make(inner, Hedging(delay=0.05, **EVERYWHERE), attempts=1, breaker=None)
+    async with Harness(mode, transport) as h:
+        response = await h.get(fleet.urls[0] + "/items")
+    assert response.status_code == 503
+    assert attempt_of(response) == 1

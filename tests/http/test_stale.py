@@ -85,6 +85,45 @@ async def test_stale_answer_when_every_attempt_fails_async(
     assert info(stale)["stale"] is True
 
 
+def test_a_service_is_answered_stale_under_its_own_url(fleet: Fleet, clock: FakeClock) -> None:
+    # The answer came from one replica; the failures from both. It is kept, and looked up, under
+    # the service's URL: keyed by the replica that served it (or the last one tried), a service
+    # was never answered stale.
+    cache = StaleIfError(clock=clock)
+    transport = rs.ResilientTransport(
+        clock=clock, wait=0.0, fallback=cache, services={"catalog": fleet.urls}
+    )
+    url = "http://catalog/items?page=2"
+    with httpx.Client(transport=transport) as client:
+        fresh = client.get(url)
+        for replica in fleet:
+            replica.set_faults(error_rate=1.0)
+        stale = client.get(url)
+    assert fresh.status_code == 200 and info(fresh)["stale"] is False
+    assert list(cache._entries) == [url]
+    assert stale.status_code == 200 and info(stale)["stale"] is True
+    assert stale.json() == fresh.json()
+
+
+@pytest.mark.anyio
+async def test_a_service_is_answered_stale_under_its_own_url_async(
+    fleet: Fleet, clock: FakeClock
+) -> None:
+    cache = StaleIfError(clock=clock)
+    transport = rs.ResilientTransport(
+        clock=clock, wait=0.0, fallback=cache, services={"catalog": fleet.urls}
+    )
+    url = "http://catalog/items?page=2"
+    async with httpx.AsyncClient(transport=transport) as client:
+        fresh = await client.get(url)
+        for replica in fleet:
+            replica.set_faults(error_rate=1.0)
+        stale = await client.get(url)
+    assert list(cache._entries) == [url]
+    assert stale.status_code == 200 and info(stale)["stale"] is True
+    assert stale.json() == fresh.json()
+
+
 def test_the_origin_answer_wins_while_it_is_good(fleet: Fleet, clock: FakeClock) -> None:
     cache = StaleIfError(clock=clock)
     transport = rs.ResilientTransport(clock=clock, fallback=cache)
