@@ -1284,6 +1284,12 @@ def run(args: argparse.Namespace) -> int:
     clients = list(
         dict.fromkeys(name for group in (args.clients or [list(CLIENTS)]) for name in group)
     )
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        # Found out now, not after the minutes of the run it was to keep.
+        problem = kit.unwritable(path) if path else None
+        if problem is not None:
+            print(f"resilient bench: {option} {path}: {problem}; nothing was run", file=sys.stderr)
+            return 2
     pyplot = None
     if args.plot and scenarios:
         pyplot = _load_pyplot()

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -156,6 +157,23 @@ def progress_printer(verbose: bool) -> Callable[[str], None] | None:
         print(f"  measuring {what}", file=sys.stderr)
 
     return progress
+
+
+def unwritable(path: str) -> str | None:
+    """Why a file could not be written at ``path`` (None: it can), checked before a long run.
+
+    Example::
+
+        unwritable("/nonexistent/out.json")  # "no such directory: /nonexistent"
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.path.isdir(directory):
+        return f"no such directory: {directory}"
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
 
 
 def write_json(path: str, data: Any) -> None:

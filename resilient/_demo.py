@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import random
 import sys
 import threading
@@ -246,14 +247,20 @@ def _discovery(args: argparse.Namespace, fleet: Fleet) -> Iterator[rs.discovery.
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.duration <= 0:
-        print(f"--duration must be > 0, got {args.duration}", file=sys.stderr)
+    if not (math.isfinite(args.duration) and args.duration > 0):  # (nan: forever)
+        print(f"--duration must be a finite number > 0, got {args.duration}", file=sys.stderr)
         return 2
-    if args.rate <= 0:
-        print(f"--rate must be > 0, got {args.rate}", file=sys.stderr)
+    if not (math.isfinite(args.rate) and args.rate > 0):  # (nan: no throttle at all)
+        print(f"--rate must be a finite number > 0, got {args.rate}", file=sys.stderr)
         return 2
     ports = None
     if args.base_port is not None:
+        if not 1 <= args.base_port <= 65535 - 2:
+            print(
+                f"--base-port must be in 1..65533 (it and the next two), got {args.base_port}",
+                file=sys.stderr,
+            )
+            return 2
         ports = [args.base_port + i for i in range(3)]
     live = sys.stdout.isatty() and not args.plain
     if live:

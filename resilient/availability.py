@@ -170,8 +170,13 @@ def predict(
     if time is not None:
         check_positive("time", time, allow_zero=True)
     lam, mu = float(lam), float(mu)
-    a = mu / (lam + mu)
-    q = lam / (lam + mu)  # 1 − A, computed directly: exact even when A rounds to 1
+    total = lam + mu
+    if math.isfinite(total):
+        a = mu / total
+        q = lam / total  # 1 − A, computed directly: exact even when A rounds to 1
+    else:  # rates near the float maximum: their sum overflows, their ratio does not
+        a = 1.0 / (1.0 + lam / mu)
+        q = 1.0 / (1.0 + mu / lam)
     # log q, accurately whichever of A and q is small
     log_q = -math.inf if q == 0.0 else (math.log(q) if q < 0.5 else math.log1p(-a))
     k = min(attempts, replicas)
@@ -205,7 +210,7 @@ def predict(
         expected_attempts=expected,
         any_up=_one_minus_power(log_q, replicas),
         mean_up_replicas=replicas * a,
-        outage_frequency=replicas * mu * q_n,
+        outage_frequency=replicas * (mu * q_n),  # (mu * q_n first: no overflow near the maximum)
         outage_duration=1.0 / (replicas * mu),
         **transient,
     )

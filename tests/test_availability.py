@@ -117,6 +117,14 @@ def test_extreme_rates_keep_their_precision() -> None:
     assert q.expected_attempts == pytest.approx(1.0, rel=1e-9)
 
 
+def test_rates_near_the_float_maximum_do_not_overflow() -> None:
+    # lam + mu overflows to inf: A = mu / (lam + mu) read 0, and the outage frequency nan.
+    p = predict(1e308, 1e308, replicas=3, attempts=3)
+    assert (p.availability, p.unavailability) == (0.5, 0.5)
+    assert p.success == 0.875  # 1 - 0.5^3
+    assert p.outage_frequency == pytest.approx(3.75e307)  # 3 * 1e308 * 0.5^3
+
+
 def test_prediction_is_frozen() -> None:
     p = predict(0.5, 4.5)
     with pytest.raises(dataclasses.FrozenInstanceError):

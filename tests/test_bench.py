@@ -164,6 +164,24 @@ def test_plot_without_matplotlib_says_so_before_running(
     assert "matplotlib" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_running(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    option: str,
+) -> None:
+    def no_bench(*args: object) -> list[RunResult]:
+        raise AssertionError("nothing may run when its results could not be kept")
+
+    monkeypatch.setattr(_bench, "run_bench", no_bench)
+    missing = tmp_path / "no-such-dir" / "out"
+    assert main(["bench", "crash", option, str(missing)]) == 2
+    assert f"{option} {missing}: no such directory" in capsys.readouterr().err
+    assert main(["bench", "crash", option, str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -27,9 +27,21 @@ def test_an_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_demo_bad_duration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--duration", "0"]) == 2
-    assert "--duration must be > 0" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--duration", "0", "--duration must be a finite number > 0, got 0"),
+        ("--duration", "nan", "--duration must be a finite number > 0, got nan"),  # ran forever
+        ("--rate", "nan", "--rate must be a finite number > 0, got nan"),  # no throttle at all
+        ("--base-port", "65534", "--base-port must be in 1..65533"),  # was a traceback
+        ("--base-port", "0", "--base-port must be in 1..65533"),
+    ],
+)
+def test_demo_bad_options_are_clear_errors(
+    capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    assert main(["demo", option, value]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

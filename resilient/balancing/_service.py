@@ -1,7 +1,9 @@
 """A logical service: its discovery, its replicas' live state, ejection and panic mode.
 
 The list of replicas is immutable and rebuilt only when discovery's snapshot version changes; a
-replica keeps its state (breaker, latency, counts) across rebuilds while its endpoint stays.
+replica is the same object, with its state (breaker, latency, counts, requests in flight), across
+rebuilds while its URL stays (a new weight, zone or priority included), and a URL listed twice is
+one replica.
 Replicas are grouped in tiers — by SRV priority, then the client's zone first — and a pick uses the
 first tier that has a usable replica.
 
@@ -258,7 +260,7 @@ class ServiceRuntime:
             return
         with self._lock:
             # The replica listed now for this URL, if this breaker is still its breaker: a
-            # replica rebuilt for a new weight keeps the breaker; a removed one's breaker is moot.
+            # replica whose weight changed keeps it; a removed one's breaker is moot.
             replica = self._by_url.get(link.url)
             if replica is None or replica.breaker is not link.breaker:
                 return

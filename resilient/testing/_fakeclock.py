@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -29,7 +31,8 @@ class FakeClock:
         self.autojump = autojump
         self.sleeps: list[float] = []
         self._cond = threading.Condition()
-        self._async_waiters: list[tuple[float, anyio.Event]] = []
+        #: (when, the sleeper's event, its thread, how to set the event from another thread)
+        self._async_waiters: list[tuple[float, anyio.Event, int, Callable[[], None]]] = []
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self._now!r}, autojump={self.autojump!r})"
@@ -46,8 +49,12 @@ class FakeClock:
             self._cond.notify_all()
             due = [w for w in self._async_waiters if w[0] <= self._now]
             self._async_waiters = [w for w in self._async_waiters if w[0] > self._now]
-        for _, event in due:
-            event.set()
+        here = threading.get_ident()
+        for _, event, thread, set_from_elsewhere in due:
+            if thread == here:
+                event.set()
+            else:  # an event loop's event, set in its own thread (anyio.Event is not thread-safe)
+                set_from_elsewhere()
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
@@ -66,10 +73,28 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
+        set_from_elsewhere = _threadsafe(event)
         with self._cond:
             wake_at = self._now + seconds
             if wake_at <= self._now:
                 event.set()
             else:
-                self._async_waiters.append((wake_at, event))
+                waiter = (wake_at, event, threading.get_ident(), set_from_elsewhere)
+                self._async_waiters.append(waiter)
         await event.wait()
+
+
+def _threadsafe(event: anyio.Event) -> Callable[[], None]:
+    """A function any thread may call to set ``event`` in the event loop it belongs to."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio, the other backend anyio runs on
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        return lambda: token.run_sync_soon(event.set)
+
+    def set_soon() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return set_soon

@@ -87,7 +87,10 @@ class _Request:
         self.method = parts[0].decode("ascii")
         target = parts[1].decode("latin-1")
         if target.startswith(("http://", "https://")):
-            split = urlsplit(target)
+            try:
+                split = urlsplit(target)
+            except ValueError:  # e.g. "http://[/x": an unclosed IPv6 literal
+                raise _BadRequest("bad request target") from None
             target = (split.path or "/") + ("?" + split.query if split.query else "")
         self.path, _, self.query = target.partition("?")
 
@@ -133,7 +136,7 @@ class _Request:
             if len(content_lengths) != 1:
                 raise _BadRequest("conflicting content-length")
             text = content_lengths.pop()
-            if not text.isdigit() or len(text) > 15:
+            if not (text.isascii() and text.isdigit()) or len(text) > 15:  # (not "\xb2")
                 raise _BadRequest("bad content-length")
             self.content_length = int(text)
         self.expect_continue = http11 and expect == "100-continue"
@@ -259,13 +262,28 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         if not self.busy:
             self._process()
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read again once nothing holds the connection back: reading paused with a full buffer
+        while an answer was delayed or the peer read slowly, and only this starts it again."""
+        if (
+            self.read_paused
+            and self.transport is not None
+            and self.state != _CLOSED
+            and not self.busy
+            and not self.write_paused
+            and len(self.buf) <= _READ_PAUSE_BYTES
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
 
     # request parsing
 
     def _process(self) -> None:
         try:
             self._parse()
-        except _BadRequest:
+        except Exception:  # _BadRequest, or input the parser did not foresee: a 400 either way
             self._reject()
             return
         transport = self.transport
@@ -396,11 +414,9 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         self.busy = False
         self._send(data, keep_alive)
-        if self.read_paused and self.transport is not None and self.state != _CLOSED:
-            self.read_paused = False
-            self.transport.resume_reading()
-        if self.state != _CLOSED:
+        if self.state != _CLOSED and not self.write_paused:
             self._process()
+        self._resume_reading()
 
     def reset(self) -> None:
         """Abort with SO_LINGER 0, so the peer sees a reset rather than an orderly close."""
@@ -667,8 +683,8 @@ def _controls(query: str) -> tuple[int, float, int | None, tuple[tuple[str, str]
             if not 200 <= status <= 599:
                 raise ValueError(f"status must be in 200..599, got {value!r}")
         elif name == "retry_after":
-            if any(c in value for c in "\r\n\0"):
-                raise ValueError("retry_after must not contain line breaks")
+            if not value.isascii() or any(c in value for c in "\r\n\0"):
+                raise ValueError(f"retry_after must be ASCII without line breaks, got {value!r}")
             extra = (("Retry-After", value),)
         elif name == "delay":
             delay = float(value)

@@ -153,6 +153,8 @@ def test_malformed_input_closes_the_connection_and_the_server_survives(fleet: Fl
         b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY",
         b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000,
         b"\x00\xff\xfe garbage \r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",  # a digit to str.isdigit, not to int
+        b"GET http://[/x HTTP/1.1\r\n\r\n",  # an unclosed IPv6 literal
     ]
     for data in bad:
         received = raw_exchange(port, data)
@@ -161,6 +163,34 @@ def test_malformed_input_closes_the_connection_and_the_server_survives(fleet: Fl
     ok = raw_exchange(port, b"GET /fine HTTP/1.0\r\n\r\n")  # HTTP/1.0: closes after answering
     assert ok.startswith(b"HTTP/1.1 200 OK")
     assert fleet[0].counts().total == 1
+
+
+def test_a_control_that_cannot_be_sent_is_refused_and_counted_as_refused(
+    fleet: Fleet, client: httpx.Client
+) -> None:
+    response = client.get(fleet.urls[0] + "/x?retry_after=%E2%82%AC")  # a header value in UTF-8
+    assert response.status_code == 400
+    assert fleet[0].counts().by_status == {400: 1}
+
+
+def test_a_pipelined_request_behind_a_slowly_read_answer_is_answered(fleet: Fleet) -> None:
+    # The first answer (8 MB) is not read for a while: the server stops writing, then stops
+    # reading the second request's 2 MiB body. Once the first answer is read, it must read
+    # again (it did only after a delayed answer, so the second request hung for good).
+    body = b"x" * (2 * 1024 * 1024)
+    head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_connection(("127.0.0.1", fleet[0].port), timeout=10.0) as sock:
+        sock.sendall(b"GET /big?body_bytes=8000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        sender = threading.Thread(target=sock.sendall, args=(head + body,), daemon=True)
+        sender.start()
+        received = bytearray()
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the server closed the connection"
+            received += chunk
+        sender.join(timeout=10.0)
+    assert fleet[0].counts().by_method == {"GET": 1, "POST": 1}
 
 
 # counts
