@@ -13,13 +13,57 @@ left running after its request would outlive the client that made it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
+from typing import TypeVar
 
 import anyio
 
-__all__ = ["Later", "pending"]
+__all__ = ["Later", "pending", "shielded"]
+
+T = TypeVar("T")
+
+_get_running_loop = asyncio.events._get_running_loop  # None outside asyncio (e.g. under trio)
+
+
+async def shielded(trip: Callable[[], Awaitable[T]]) -> T:
+    """``await trip()`` to its end, whatever cancels the caller meanwhile; a cancellation that
+    came then is raised once it is over.
+
+    anyio's shield stops anyio's and trio's cancellation, not asyncio's own ``task.cancel()``
+    (``asyncio.timeout``, ``wait_for``, a ``TaskGroup``): under asyncio the trip runs as a task
+    of its own, awaited through ``asyncio.shield`` until it is over. A store's round trips are
+    bounded by its socket timeout, so the wait is too.
+
+    Example::
+
+        reply = await shielded(lambda: store_handle.call_async("release", claim))
+    """
+    with anyio.CancelScope(shield=True):
+        if _get_running_loop() is None:
+            return await trip()
+        task = asyncio.ensure_future(trip())
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.cancelled():  # the trip itself was cancelled (its loop is closing)
+                    raise
+                cancelled = exc  # ours: the trip runs on; wait for it again
+                continue
+            except BaseException:
+                if cancelled is not None:
+                    raise cancelled from None
+                raise
+            break
+        if cancelled is not None:
+            raise cancelled
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover - the shield swallows nothing
+
 
 _log = logging.getLogger("resilient")
 
@@ -45,14 +89,19 @@ class Later:
 
         Shielded: they are off the request's books, and the store must hear them. One that
         raises (a listener of the breaker's, say) is logged, and the others still go."""
+        cancelled: asyncio.CancelledError | None = None
         with anyio.CancelScope(shield=True):
             while self.done < len(self.trips):
                 trip = self.trips[self.done]
                 self.done += 1
                 try:
-                    await trip()
+                    await shielded(trip)
+                except asyncio.CancelledError as exc:  # asyncio's own: the others still go
+                    cancelled = exc
                 except Exception:
                     _log.exception("resilient: a deferred round trip to the store raised")
+        if cancelled is not None:
+            raise cancelled
 
     async def settle(self) -> None:
         """`flush`, at the request's end: round trips asked for after this block."""

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import anyio
-
 from resilient import _later
 from resilient._clock import Clock
 from resilient._errors import CircuitOpenError
@@ -426,8 +424,20 @@ class CircuitBreaker(Policy):
                     gen = rt.generation
             else:
                 gen = rt.generation
-        self._announce(change)
+        self._announce_admitted(change, gen)
         return gen
+
+    def _announce_admitted(
+        self, change: tuple[State, State, float | None] | None, gen: int
+    ) -> None:
+        """Announce ``change``; if a listener raises, give the permit ``gen`` back first (a probe
+        slot, a fleet-wide claim): nobody would hold it to give it back."""
+        try:
+            self._announce(change)
+        except BaseException:
+            if gen != REJECTED:
+                self._release(gen)
+            raise
 
     def _release(self, gen: int | None) -> None:
         rt = self._rt
@@ -694,7 +704,7 @@ class CircuitBreaker(Policy):
                     shared.claims.append(claim)
                     rt.probes_in_flight = len(shared.claims)
                 gen = rt.generation
-        self._announce(change)
+        self._announce_admitted(change, gen)
         return gen
 
     def _shared_claim(self, gen: int | None) -> str:
@@ -731,9 +741,14 @@ class CircuitBreaker(Policy):
         if gen == ASK:
             claim = shared.new_claim()
             # Shielded (and bounded by the store's socket timeout): a cancellation between
-            # Redis granting the claim and this process recording it would leak the probe.
-            with anyio.CancelScope(shield=True):
-                reply = await shared.call_async("acquire", claim)
+            # Redis granting the claim and this process recording it would leak the probe. One
+            # that came meanwhile is raised once the reply is in, unread: the claim is given
+            # back (a release of a claim never granted changes nothing).
+            try:
+                reply = await _later.shielded(lambda: shared.call_async("acquire", claim))
+            except BaseException:
+                await _later.shielded(lambda: shared.call_async("release", claim))
+                raise
             gen = (
                 self._acquire(local=True) if reply is None else self._shared_acquired(reply, claim)
             )
@@ -742,8 +757,7 @@ class CircuitBreaker(Policy):
         try:  # as in `_execute`: the user's code may raise, and the permit goes back then
             self._before_call(thunk)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._release_async(gen)
+            await _later.shielded(lambda: self._release_async(gen))
             raise
         started = self._clock.monotonic()
         try:
@@ -752,21 +766,18 @@ class CircuitBreaker(Policy):
             try:
                 failed = self._is_failure(exc)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._release_async(gen)
+                await _later.shielded(lambda: self._release_async(gen))
                 raise
             await self._shared_outcome_async(gen, failed, started, exc)
             raise
         except BaseException:
             # Cancelled: give a probe permit back (a round trip only when probing).
-            with anyio.CancelScope(shield=True):
-                await self._release_async(gen)
+            await _later.shielded(lambda: self._release_async(gen))
             raise
         try:
             failed = self.result is not None and bool(self.result(result))
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._release_async(gen)
+            await _later.shielded(lambda: self._release_async(gen))
             raise
         await self._shared_outcome_async(gen, failed, started, None)
         return result
@@ -776,8 +787,8 @@ class CircuitBreaker(Policy):
     ) -> None:
         duration = self._clock.monotonic() - started
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
-        with anyio.CancelScope(shield=True):  # the claim is already off our books: finish it
-            await self._shared_record(gen, self._shared_claim(gen), failed, slow, duration, exc)
+        claim = self._shared_claim(gen)  # off our books now: the store must hear its outcome
+        await _later.shielded(lambda: self._shared_record(gen, claim, failed, slow, duration, exc))
 
     async def _shared_record(
         self,

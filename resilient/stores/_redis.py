@@ -183,7 +183,16 @@ class RedisStore:
         self._url = url
         try:
             self._client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **self._kwargs)
-        except (ValueError, TypeError) as exc:
+            pool = self._client.connection_pool
+            # A connection is made (not connected) now: an option its class does not take
+            # would otherwise fail every round trip, leaving the store down for good.
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as exc:
+            self._url = ""
+            raise ValueError(
+                f"options must be redis-py connection options, got {sorted(options)!r} ({exc})"
+            ) from None
+        except ValueError as exc:
             self._url = ""
             raise ValueError(
                 "url must be a redis://, rediss:// or unix:// URL "
@@ -244,7 +253,9 @@ class RedisStore:
         """
         self._client.close()
         for loop, (client, _) in list(self._async.items()):
-            if not loop.is_closed() and not loop.is_running():
+            if loop.is_closed():
+                _close_abandoned(client)
+            elif not loop.is_running():
                 loop.run_until_complete(client.aclose())
         self._async.clear()
 
@@ -336,6 +347,12 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         entry = self._async.get(loop)
         if entry is None:
+            # A client holds its loop (through its connections): the weak key of a loop that has
+            # closed would never go. One `asyncio.run` per job would keep a client each.
+            for old in [old for old in self._async if old.is_closed()]:
+                gone = self._async.pop(old, None)
+                if gone is not None:
+                    _close_abandoned(gone[0])
             import redis.asyncio
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
@@ -391,6 +408,30 @@ class RedisStore:
         if self._password:
             text = text.replace(self._password, "***")
         return text[:200]
+
+
+def _close_abandoned(client: Any) -> None:
+    """Close the sockets of an asyncio client whose event loop has closed, where it can no
+    longer be awaited. Private parts of redis-py and asyncio, best effort: left alone, the
+    garbage collector closes them with a ResourceWarning each."""
+    pool = client.connection_pool
+    for conn in (
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ):
+        writer = getattr(conn, "_writer", None)
+        if writer is None:
+            continue
+        transport = writer.transport
+        try:
+            transport.close()  # marks it closing; its closed loop cannot run connection_lost
+        except RuntimeError:
+            pass
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None  # what connection_lost would have done
+        conn._reader = conn._writer = None
 
 
 def _redact_url(url: str) -> str:

@@ -46,13 +46,20 @@ local k, lease, ttl = c[11], c[12], c[13]
 
 local s = redis.call('HMGET', h, 'state', 'gen', 'until', 'opened', 'streak', 'consec', 'succ')
 local state = tonumber(s[1]) or 0
-local gen = tonumber(s[2]) or 0
+-- A missing key (never written, expired, or Redis restarted empty) starts its generation at the
+-- time: above any generation the old key reached, so processes that cached one take the new
+-- key's replies rather than drop them as late.
+local gen = tonumber(s[2])
+local dirty = false
+if gen == nil then
+  gen = now
+  dirty = true
+end
 local until_ = tonumber(s[3]) or 0
 local opened = tonumber(s[4]) or 0
 local streak = tonumber(s[5]) or 0
 local consec = tonumber(s[6]) or 0
 local succ = tonumber(s[7]) or 0
-local dirty = false
 local granted = 0
 
 local function move(new)

@@ -234,6 +234,26 @@ async def test_an_async_probe_whose_predicate_or_listener_raises_gives_its_slot_
     assert breaker.try_acquire()  # the slot is there to take
 
 
+class _RaisesOnHalfOpen(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if getattr(new_state, "name", new_state) == "half-open":
+            raise RuntimeError("listener bug")
+
+
+def test_a_listener_raising_as_the_probe_is_admitted_gives_the_slot_back() -> None:
+    # The move to half-open is announced after the probe's slot is taken: the caller never got
+    # a permit to give back, and the breaker stayed half open for good.
+    clock = FakeClock()
+    breaker = rs.CircuitBreaker(
+        consecutive_failures=1, open_for=1.0, clock=clock, listeners=[_RaisesOnHalfOpen()]
+    )
+    run(breaker, fail)
+    clock.advance(1.0)
+    with pytest.raises(RuntimeError, match="listener bug"):
+        breaker.call(ok)
+    assert breaker.try_acquire()
+
+
 def test_consecutive_failures_open_regardless_of_min_calls() -> None:
     breaker = rs.CircuitBreaker(consecutive_failures=3, min_calls=100, clock=FakeClock())
     run(breaker, fail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
@@ -483,3 +484,106 @@ def test_resilient_imports_without_redis_and_the_store_says_what_is_missing() ->
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert "pip install 'resilient[redis]'" in done.stdout
+
+
+# -- a review's findings ---------------------------------------------------------------------------
+
+
+def test_after_redis_restarts_empty_a_process_follows_the_new_state(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    # A went closed -> open -> half-open -> closed (its cached generation moved on); Redis then
+    # lost every key. B trips the new key's breaker. A's probe must be taken as the fleet's:
+    # the new key's generations once restarted at 0, below A's, and A dropped every reply as
+    # late for an hour (key_ttl), probing behind the fleet's back and leaking the claims.
+    store = RedisStore(redis_server.url, prefix=prefix, socket_timeout=1.0, staleness=0.0)
+    a = rs.CircuitBreaker(name="flushed", consecutive_failures=1, open_for=0.05, store=store)
+    b = rs.CircuitBreaker(name="flushed", consecutive_failures=1, open_for=0.05, store=store)
+    a.open()
+    time.sleep(0.06)
+    a.call(lambda: None)  # its probe closes the breaker
+    assert a.state == "closed"
+    store._client.flushall()
+    with pytest.raises(OSError):
+        b.call(fail)  # the fresh key: open
+    time.sleep(0.06)
+    assert a.call(lambda: "ok") == "ok"  # the fleet's probe, taken by A
+    assert a.state == "closed"
+    assert b.state == "closed" or b.call(lambda: "ok") == "ok"
+    assert store._client.zcard(f"{store.prefix}breaker:flushed:probes") == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_asyncio_cancellation_during_the_probes_acquire_leaks_no_claim(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    # asyncio's own task.cancel() (wait_for, asyncio.timeout, a TaskGroup) goes through anyio's
+    # shield: Redis granted the claim once it answered, and the process never recorded it or
+    # gave it back, so the fleet's one probe was gone for the lease (10 s).
+    import asyncio
+
+    store = RedisStore(own_redis.url, prefix=prefix, socket_timeout=2.0)
+    one = rs.CircuitBreaker(name="native", open_for=0.05, store=store)
+    two = rs.CircuitBreaker(name="native", open_for=0.05, store=store)
+    one.open()
+    await asyncio.sleep(0.06)
+    await one.call_async(_answer)  # the asyncio client is connected; the probe closed it
+    one.open()
+    await asyncio.sleep(0.06)
+    with own_redis.stopped():  # the acquire is sent and waits for Redis
+        task = asyncio.ensure_future(one.call_async(_answer))
+        await asyncio.sleep(0.1)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # raised once Redis answered (and the claim went back)
+    assert two.try_acquire()  # the fleet's probe is free
+    two.release()
+    await store.aclose()
+
+
+async def _answer() -> str:
+    return "ok"
+
+
+def test_a_store_keeps_no_client_for_an_event_loop_that_has_closed(store: RedisStore) -> None:
+    # Each client held its loop: one `asyncio.run` per job kept a loop, a client and a socket
+    # each, for good.
+    import asyncio
+
+    breaker = rs.CircuitBreaker(name="loops", open_for=0.05, store=store)
+    breaker.open()
+    time.sleep(0.06)
+    for _ in range(5):
+        asyncio.run(breaker.call_async(_answer))
+        breaker.open()
+        time.sleep(0.06)
+    assert len(store._async) <= 1
+    gc.collect()  # a socket left for the collector would warn (an error in this suite)
+
+
+def test_an_option_redis_does_not_take_is_refused_naming_it(redis_server: RedisServer) -> None:
+    # It failed every round trip instead: the store was down for good, every process on its own.
+    with pytest.raises(ValueError, match=r"options must be redis-py connection options.*sockt"):
+        RedisStore(redis_server.url, sockt_timeout=1.0)
+
+
+class _RaisesOnHalfOpen(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if getattr(new_state, "name", new_state) == "half-open":
+            raise RuntimeError("listener bug")
+
+
+def test_a_listener_raising_as_the_probe_is_granted_gives_the_claim_back(
+    store: RedisStore,
+) -> None:
+    one = rs.CircuitBreaker(
+        name="announce", open_for=0.05, store=store, listeners=[_RaisesOnHalfOpen()]
+    )
+    two = rs.CircuitBreaker(name="announce", open_for=0.05, store=store)
+    one.open()
+    time.sleep(0.06)
+    with pytest.raises(RuntimeError, match="listener bug"):
+        one.call(lambda: "ok")
+    assert two.try_acquire()  # the fleet's probe was given back
+    two.release()
