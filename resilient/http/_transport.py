@@ -74,6 +74,9 @@ def _yield_gil() -> None:
     time.sleep(0)
 
 
+#: How long no read is cut after a cut found the retry budget empty (`_hedge_after_cut`).
+_NO_CUT_FOR = 1.0
+
 #: httpx's default keep-alive expiry: how long an idle connection of the hedges' pool lives.
 _HEDGE_POOL_IDLE = 5.0
 
@@ -907,6 +910,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._sync_hedge_inner: httpx.BaseTransport | None = None  # see `_sync_hedge_transport`
         self._hedged_at: dict[tuple[bytes, int | None], float] = {}  # origin: its last hedge
         self._closed = False
+        self._no_cut_until = 0.0  # see `_hedge_after_cut`
         self._async_inner: httpx.AsyncBaseTransport | None = None
         self.attempts = attempts
         self.deadline = deadline
@@ -1841,7 +1845,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """The read cut of `_hedged` for an attempt begun at ``started``: the request's own read
         timeout, and the cut now set on the request (None if its own timeout is the shorter)."""
         read = own.get("read") if own else None
-        if read is not None and delay >= read:
+        if (read is not None and delay >= read) or started < self._no_cut_until:
             return read, None
         cut = _ReadCut.make(own, delay, self._clock.monotonic, started)
         request.extensions = {**request.extensions, "timeout": cut}
@@ -1933,11 +1937,19 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _hedge_after_cut(
         self, request: httpx.Request, call: _Call, delay: float, exc: Exception
     ) -> bool:
-        """Did the read cut time this attempt out, and may a copy go out now (a hedge)?"""
+        """Did the read cut time this attempt out? Then a copy goes out now (a hedge).
+
+        The attempt was given up by us, not by its own timeout: a request is never failed for
+        it. With no budget token for the copy, the copy goes all the same, and no read is cut
+        for the next second (`_NO_CUT_FOR`), so that the budget, spent in an outage, is
+        overdrawn at most by the cuts in flight when it ran dry."""
         if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
             return False
         self._censored(request, call, delay)
-        return self._may_hedge(request, 1, delay)
+        if not self._may_hedge(request, 1, delay):
+            self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
+            emit(self.hooks, HedgeLaunched("http", 1, delay))
+        return True
 
     def _settle(
         self, request: httpx.Request, call: _Call, outcome: httpx.Response | Exception
