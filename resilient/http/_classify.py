@@ -47,7 +47,7 @@ def parse_retry_after(value: str, now: datetime) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # (a year past datetime's)
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)

@@ -1174,7 +1174,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             timeouts[key] = max(limit, 0.001) if value is None else min(value, max(limit, 0.001))
         if read_limit is not None:
             read = timeouts["read"]
-            if read is None or read_limit < read:
+            # A cut pays only if a copy sent then has the delay to answer in before the
+            # deadline: else the attempt is given up to a copy with less time than it had.
+            if (read is None or read_limit < read) and (
+                call.deadline_at is None or limit >= 2 * read_limit
+            ):
                 call.full_read = read
                 call.shortened = True
                 now = self._clock.monotonic
@@ -1819,7 +1823,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if bulkhead is not None:
             # The permit is held until the caller closes the response: a streamed download is
             # work in progress as much as the request was.
-            response.stream = self._hold(response, bulkhead, started)
+            self._hold(response, bulkhead, started)
         return response
 
     def _plain_request(self, request: httpx.Request, breaker: CircuitBreaker | None) -> bool:
@@ -1878,13 +1882,17 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         duration = self._clock.monotonic() - started
         bulkhead.on_failure(duration, None if isinstance(exc, httpx.TimeoutException) else exc)
 
-    def _hold(
-        self, response: httpx.Response, bulkhead: Bulkhead, started: float
-    ) -> _ReleaseOnClose:
-        """The response's body, holding the bulkhead permit until it is closed."""
+    def _hold(self, response: httpx.Response, bulkhead: Bulkhead, started: float) -> None:
+        """Make the response's body hold the bulkhead permit until it is closed; a response
+        already read and closed (a stale answer, a fallback's, a kept 503) gives it back now:
+        its ``close()`` would never reach the body again."""
         dropped = response.status_code in (429, 503)  # the server shed load: a drop for AIMD
         duration = self._clock.monotonic() - started
-        return _ReleaseOnClose(response.stream, bulkhead, duration, dropped)
+        held = _ReleaseOnClose(response.stream, bulkhead, duration, dropped)
+        if response.is_closed:
+            held._release()
+        else:
+            response.stream = held
 
     def _attempt(
         self,
@@ -2182,6 +2190,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         first: httpx.Response | Exception | None,
     ) -> httpx.Response:
         failure: Exception | None = None
+        answered: httpx.Response | None = None  # the last retryable answer, read and closed
         while True:
             try:
                 if first is not None:
@@ -2204,9 +2213,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if failure is not None:  # the breaker opened between attempts: the real error
                     add_note(failure, f"resilient: not retried: {exc}")
                     raise failure from None
+                if answered is not None:  # ... or the real answer, as `_decide` would give it
+                    return self._finish(request, call, answered)
                 raise
             except Exception as exc:
-                failure = exc
+                failure, answered = exc, None
                 decision = self._decide(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
@@ -2230,7 +2241,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     return stale
                 return self._finish(request, call, response)
             self._scheduled(request, call, decision, None, response)
-            response.close()  # a discarded attempt gives its connection back to the pool
+            # Read (a retryable answer's body is small) and closed: its connection goes back
+            # to the pool, and it is the request's answer if the breaker opens meanwhile.
+            failure, answered = None, response
+            try:
+                response.read()
+            except httpx.HTTPError:
+                answered = None  # its body did not come: it is no answer to give
+            finally:
+                response.close()
             self._clock.sleep(decision)
 
     def _close_services(self) -> None:
@@ -2409,7 +2428,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 bulkhead.release()  # cancelled: no outcome
             raise
         if bulkhead is not None:
-            response.stream = self._hold(response, bulkhead, started)
+            self._hold(response, bulkhead, started)
         return response
 
     async def _attempt_async(
@@ -2579,6 +2598,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         race: _AsyncioRace | None,
     ) -> httpx.Response:
         failure: Exception | None = None
+        answered: httpx.Response | None = None  # the last retryable answer, read and closed
         while True:
             try:
                 if first is not None:
@@ -2602,9 +2622,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if failure is not None:  # the breaker opened between attempts: the real error
                     add_note(failure, f"resilient: not retried: {exc}")
                     raise failure from None
+                if answered is not None:  # ... or the real answer, as `_decide` would give it
+                    return self._finish(request, call, answered)
                 raise
             except Exception as exc:
-                failure = exc
+                failure, answered = exc, None
                 if _later.IN_USE:
                     await _later.flush_pending()
                 decision = self._decide(request, call, exc=exc)
@@ -2637,7 +2659,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     return stale
                 return self._finish(request, call, response)
             self._scheduled(request, call, decision, None, response)
-            await response.aclose()
+            failure, answered = None, response
+            try:  # as in `_attempts`: read and closed, the answer if the breaker opens meanwhile
+                await response.aread()
+            except httpx.HTTPError:
+                answered = None
+            finally:
+                await response.aclose()
             await self._clock.sleep_async(decision)
 
     async def aclose(self) -> None:

@@ -1398,3 +1398,75 @@ def test_a_sync_request_refused_without_io_yields_the_gil_once(
         host.reset()
         assert client.get("http://a.invalid/").status_code == 200
     assert yields == [1, 1]  # not on a request that did I/O
+
+
+# --- a review of the sync paths -------------------------------------------------------------------
+
+
+def test_a_retry_after_date_past_any_calendar_is_ignored(fleet: Fleet) -> None:
+    # datetime raised OverflowError past year 9999: it reached the caller, the 503 was lost, and
+    # its connection stayed checked out of the pool.
+    url = fleet.urls[0] + "/x?status=503&retry_after=Mon, 01 Jan 99999999999 00:00:00 GMT"
+    transport = rs.ResilientTransport(attempts=2, wait=0.0, breaker=None)
+    with httpx.Client(transport=transport) as client:
+        response = client.get(url)
+    assert response.status_code == 503
+    assert fleet[0].counts().total == 2  # retried with the ordinary backoff
+
+
+def test_a_stale_answer_gives_the_bulkhead_permit_back_when_closed(
+    fleet: Fleet, clock: FakeClock
+) -> None:
+    # An answer built in memory (a stale copy) is closed as it is made: its close() never
+    # reached the permit-holding body, and the permit came back only with the garbage collector.
+    bulkhead = rs.Bulkhead(max_concurrent=1)
+    transport = rs.ResilientTransport(
+        clock=clock, wait=0.0, bulkhead=bulkhead, fallback=rs.http.StaleIfError(clock=clock)
+    )
+    kept: list[httpx.Response] = []
+    with httpx.Client(transport=transport) as client:
+        kept.append(client.get(fleet.urls[0] + "/x"))
+        fleet[0].set_faults(error_rate=1.0)
+        for _ in range(3):  # each one holds its response: a held permit would refuse the next
+            stale = client.get(fleet.urls[0] + "/x")
+            assert stale.extensions["resilient"]["stale"] is True
+            kept.append(stale)
+    assert bulkhead.statistics().in_use == 0
+
+
+def test_no_read_is_cut_when_a_copy_would_have_less_time_than_the_attempt(fleet: Fleet) -> None:
+    # 0.25 s answers, a 0.4 s deadline, hedges at 0.2 s: a copy at 0.2 s could not answer in
+    # time, so the attempt is let run (it once was given up, and the request failed).
+    fleet[0].set_faults(latency=0.25)
+    transport = rs.ResilientTransport(deadline=0.4, hedge=rs.http.Hedging(delay=0.2))
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/x").status_code == 200
+    assert fleet[0].counts().total == 1
+
+
+def test_a_breaker_opening_during_the_wait_returns_the_answer_not_a_rejection(fleet: Fleet) -> None:
+    # A PUT answered 503 waits for its retry; meanwhile another request's 503 opens the breaker.
+    # The PUT was sent and answered: CircuitOpenError (a RejectedError: "nothing was sent")
+    # replaced its answer.
+    clock = FakeClock(autojump=False)
+    breaker = rs.CircuitBreaker(name="h", consecutive_failures=2, clock=clock)
+    transport = rs.ResilientTransport(breaker=breaker, wait=1.0, clock=clock)
+    url = fleet.urls[0] + "/x?status=503"
+    with httpx.Client(transport=transport) as client:
+        outcome: list[httpx.Response | BaseException] = []
+
+        def put() -> None:
+            try:
+                outcome.append(client.put(url, content=b"v"))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=put)
+        worker.start()
+        wait_until(lambda: clock.sleeps == [1.0])  # the PUT's 503 came; it waits
+        assert client.get(url).status_code == 503  # the second failure in a row: open
+        assert breaker.state == "open"
+        clock.advance(1.0)
+        worker.join(5.0)
+    assert isinstance(outcome[0], httpx.Response) and outcome[0].status_code == 503
+    assert fleet[0].counts().by_method == {"PUT": 1, "GET": 1}
