@@ -499,6 +499,32 @@ class _Host:
         return watch
 
 
+#: The largest retryable answer kept, in memory, for the case the breaker opens before its retry.
+_KEEP_BYTES = 64 * 1024
+
+
+def _small(response: httpx.Response) -> bool:
+    """A retryable answer small enough to read and keep: its size known and at most
+    ``_KEEP_BYTES`` (an answer of unknown length might never end)."""
+    length = response.headers.get("Content-Length", "")
+    return length.isdigit() and int(length) <= _KEEP_BYTES
+
+
+def _kept(response: httpx.Response, raw: bytes) -> httpx.Response:
+    """A retryable answer, read, as a fresh response the caller may get instead of a later
+    rejection: open (the client reads and closes it as any answer; a bulkhead permit is held
+    until then), with the body as it came (still encoded)."""
+    extensions = {
+        k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")
+    }
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        extensions=extensions,
+    )
+
+
 def _clone(request: httpx.Request) -> httpx.Request:
     """A copy of a request for a hedge: its own headers and extensions, the same (bytes) body."""
     return httpx.Request(
@@ -1176,8 +1202,11 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             read = timeouts["read"]
             # A cut pays only if a copy sent then has the delay to answer in before the
             # deadline: else the attempt is given up to a copy with less time than it had.
-            if (read is None or read_limit < read) and (
-                call.deadline_at is None or limit >= 2 * read_limit
+            now_at = self._clock.monotonic()
+            if (
+                (read is None or read_limit < read)
+                and now_at >= self._no_cut_until  # (see `_hedge_after_cut`)
+                and (call.deadline_at is None or call.deadline_at - now_at >= 2 * read_limit)
             ):
                 call.full_read = read
                 call.shortened = True
@@ -1956,6 +1985,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._censored(request, call, delay)
         if not self._may_hedge(request, 1, delay):
             self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
+            self._instruments.hedges.add(1, self._host(request.url).attributes)
             emit(self.hooks, HedgeLaunched("http", 1, delay))
         return True
 
@@ -2190,7 +2220,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         first: httpx.Response | Exception | None,
     ) -> httpx.Response:
         failure: Exception | None = None
-        answered: httpx.Response | None = None  # the last retryable answer, read and closed
+        answered: httpx.Response | None = None  # the last retryable answer (`_kept`)
         while True:
             try:
                 if first is not None:
@@ -2243,11 +2273,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._scheduled(request, call, decision, None, response)
             # Read (a retryable answer's body is small) and closed: its connection goes back
             # to the pool, and it is the request's answer if the breaker opens meanwhile.
-            failure, answered = None, response
+            failure, answered = None, None
             try:
-                response.read()
+                if _small(response):
+                    answered = _kept(response, b"".join(response.iter_raw()))
             except httpx.HTTPError:
-                answered = None  # its body did not come: it is no answer to give
+                pass  # its body did not come: it is no answer to give
             finally:
                 response.close()
             self._clock.sleep(decision)
@@ -2598,7 +2629,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         race: _AsyncioRace | None,
     ) -> httpx.Response:
         failure: Exception | None = None
-        answered: httpx.Response | None = None  # the last retryable answer, read and closed
+        answered: httpx.Response | None = None  # the last retryable answer (`_kept`)
         while True:
             try:
                 if first is not None:
@@ -2659,11 +2690,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     return stale
                 return self._finish(request, call, response)
             self._scheduled(request, call, decision, None, response)
-            failure, answered = None, response
-            try:  # as in `_attempts`: read and closed, the answer if the breaker opens meanwhile
-                await response.aread()
+            failure, answered = None, None
+            try:  # as in `_attempts`
+                if _small(response):
+                    answered = _kept(response, b"".join([c async for c in response.aiter_raw()]))
             except httpx.HTTPError:
-                answered = None
+                pass
             finally:
                 await response.aclose()
             await self._clock.sleep_async(decision)

@@ -184,10 +184,14 @@ class RedisStore:
         try:
             self._client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **self._kwargs)
             pool = self._client.connection_pool
-            # A connection is made (not connected) now: an option its class does not take
-            # would otherwise fail every round trip, leaving the store down for good.
+            # Connections are made (not connected) now, sync and asyncio: an option their class
+            # does not take would otherwise fail every round trip, leaving the store down for good.
             pool.connection_class(**pool.connection_kwargs)
-        except TypeError as exc:
+            import redis.asyncio
+
+            apool = redis.asyncio.ConnectionPool.from_url(url, **self._kwargs)
+            apool.connection_class(**apool.connection_kwargs)
+        except (TypeError, redis.RedisError) as exc:
             self._url = ""
             raise ValueError(
                 f"options must be redis-py connection options, got {sorted(options)!r} ({exc})"

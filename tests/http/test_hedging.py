@@ -931,9 +931,10 @@ async def test_the_hedge_watch_keeps_time_when_the_delay_shrinks(fleet: Fleet) -
 @pytest.mark.parametrize(
     ("anyio_backend", "mode"), [("trio", "trio"), ("asyncio", "sync")], ids=["trio", "sync"]
 )
+@pytest.mark.parametrize("deadline", [None, 5.0], ids=["no-deadline", "deadline"])
 @pytest.mark.anyio
 async def test_an_attempt_given_up_by_the_read_cut_is_copied_even_with_no_budget_left(
-    fleet: Fleet, mode: Mode
+    fleet: Fleet, mode: Mode, deadline: float | None
 ) -> None:
     # The cut gave the attempt up, not its own timeout: with no budget token left, failing the
     # request (as it once did) turned every answer slower than the p95 into a ReadTimeout while
@@ -947,6 +948,7 @@ async def test_an_attempt_given_up_by_the_read_cut_is_copied_even_with_no_budget
         events,
         breaker=None,
         budget=rs.RetryBudget(ratio=0.01, min_per_second=0.01),  # never a whole token
+        deadline=deadline,  # (a deadline takes another way to the cut: it must pause too)
     )
     async with Harness(mode, transport) as h:
         await h.get(fleet.urls[0] + "/items")
@@ -1352,3 +1354,17 @@ async def test_a_race_whose_first_copy_raised_answers_with_its_hedges_answer(
         response = await h.get(fleet.urls[0] + "/items")
     assert response.status_code == 503
     assert attempt_of(response) == 1
+
+
+def test_an_attempt_timeout_shorter_than_two_delays_does_not_turn_hedging_off(
+    fleet: Fleet,
+) -> None:
+    # A copy gets an attempt timeout of its own: only the time left before the deadline decides
+    # whether a cut pays. (Comparing the attempt timeout turned hedging off here.)
+    fleet[0].set_faults(latency=0.4)
+    transport = rs.ResilientTransport(
+        deadline=5.0, attempt_timeout=0.5, hedge=Hedging(delay=0.3), breaker=None
+    )
+    with httpx.Client(transport=transport) as client:
+        assert client.get(fleet.urls[0] + "/items").status_code == 200
+    assert fleet[0].counts().total == 2  # cut at 0.3 s, and copied

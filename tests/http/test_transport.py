@@ -1468,5 +1468,7 @@ def test_a_breaker_opening_during_the_wait_returns_the_answer_not_a_rejection(fl
         assert breaker.state == "open"
         clock.advance(1.0)
         worker.join(5.0)
-    assert isinstance(outcome[0], httpx.Response) and outcome[0].status_code == 503
+    answer = outcome[0]
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503
+    assert answer.json()["method"] == "PUT" and answer.elapsed.total_seconds() >= 0  # a whole one
     assert fleet[0].counts().by_method == {"PUT": 1, "GET": 1}

@@ -562,10 +562,14 @@ def test_a_store_keeps_no_client_for_an_event_loop_that_has_closed(store: RedisS
     gc.collect()  # a socket left for the collector would warn (an error in this suite)
 
 
-def test_an_option_redis_does_not_take_is_refused_naming_it(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("options", [{"sockt_timeout": 1.0}, {"protocol": 4}])
+def test_an_option_redis_does_not_take_is_refused_naming_it(
+    redis_server: RedisServer, options: dict[str, Any]
+) -> None:
     # It failed every round trip instead: the store was down for good, every process on its own.
-    with pytest.raises(ValueError, match=r"options must be redis-py connection options.*sockt"):
-        RedisStore(redis_server.url, sockt_timeout=1.0)
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=rf"options must be redis-py connection options.*{name}"):
+        RedisStore(redis_server.url, **options)
 
 
 class _RaisesOnHalfOpen(pybreaker.CircuitBreakerListener):
