@@ -921,29 +921,38 @@ class CircuitBreaker(Policy):
         try:
             result = thunk()
         except Exception as exc:
-            try:
-                failed = self._is_failure(exc)
-            except BaseException:
-                self._release(gen)
-                raise
-            if failed:
-                self._failure(gen, clock.monotonic() - started, exc)
-            else:
-                self._success(gen, clock.monotonic() - started)
+            self._settle_error(gen, exc, clock.monotonic() - started)
             raise
         except BaseException:
             self._release(gen)
             raise
+        self._settle_result(gen, result, clock.monotonic() - started)
+        return result
+
+    def _settle_error(self, gen: int, exc: Exception, duration: float) -> None:
+        """The call raised ``exc``: a failure if it matches ``on``, else a success. If the ``on``
+        predicate itself raises, the permit goes back (a probe's slot would be lost for good)."""
+        try:
+            failed = self._is_failure(exc)
+        except BaseException:
+            self._release(gen)
+            raise
+        if failed:
+            self._failure(gen, duration, exc)
+        else:
+            self._success(gen, duration)
+
+    def _settle_result(self, gen: int, result: object, duration: float) -> None:
+        """The call returned ``result``: judged by ``result=``, as `_settle_error` judges errors."""
         try:
             failed = self.result is not None and bool(self.result(result))
         except BaseException:
             self._release(gen)
             raise
         if failed:
-            self._failure(gen, clock.monotonic() - started, None)
+            self._failure(gen, duration, None)
         else:
-            self._success(gen, clock.monotonic() - started)
-        return result
+            self._success(gen, duration)
 
     def _before_call(self, thunk: Callable[..., Any]) -> None:
         if self.listeners:
@@ -982,28 +991,12 @@ class CircuitBreaker(Policy):
         try:
             result = await thunk()
         except Exception as exc:
-            try:
-                failed = self._is_failure(exc)
-            except BaseException:
-                self._release(gen)
-                raise
-            if failed:
-                self._failure(gen, clock.monotonic() - started, exc)
-            else:
-                self._success(gen, clock.monotonic() - started)
+            self._settle_error(gen, exc, clock.monotonic() - started)
             raise
         except BaseException:
             self._release(gen)
             raise
-        try:
-            failed = self.result is not None and bool(self.result(result))
-        except BaseException:
-            self._release(gen)
-            raise
-        if failed:
-            self._failure(gen, clock.monotonic() - started, None)
-        else:
-            self._success(gen, clock.monotonic() - started)
+        self._settle_result(gen, result, clock.monotonic() - started)
         return result
 
     def describe(self) -> str:
