@@ -90,16 +90,15 @@ class Later:
         Shielded: they are off the request's books, and the store must hear them. One that
         raises (a listener of the breaker's, say) is logged, and the others still go."""
         cancelled: asyncio.CancelledError | None = None
-        with anyio.CancelScope(shield=True):
-            while self.done < len(self.trips):
-                trip = self.trips[self.done]
-                self.done += 1
-                try:
-                    await shielded(trip)
-                except asyncio.CancelledError as exc:  # asyncio's own: the others still go
-                    cancelled = exc
-                except Exception:
-                    _log.exception("resilient: a deferred round trip to the store raised")
+        while self.done < len(self.trips):  # (each trip shielded; nothing else awaited)
+            trip = self.trips[self.done]
+            self.done += 1
+            try:
+                await shielded(trip)
+            except asyncio.CancelledError as exc:  # asyncio's own: the others still go
+                cancelled = exc
+            except Exception:
+                _log.exception("resilient: a deferred round trip to the store raised")
         if cancelled is not None:
             raise cancelled
 
@@ -118,6 +117,22 @@ def pending() -> Later | None:
     """The running async request's `Later`, if it still takes round trips; else None (block)."""
     later = _CURRENT.get()
     return later if later is not None and later.open else None
+
+
+def defer(trip: Callable[[], Awaitable[object]]) -> bool:
+    """Hand ``trip`` to the running async request's `Later`; False if there is none (the
+    caller makes its round trip itself, blocking).
+
+    Example::
+
+        if not defer(functools.partial(handle.call_async, "release", claim)):
+            handle.call("release", claim)
+    """
+    later = pending()
+    if later is None:
+        return False
+    later.add(trip)
+    return True
 
 
 async def flush_pending() -> None:

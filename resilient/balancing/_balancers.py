@@ -213,16 +213,13 @@ class Weighted(_Sampling):
     def pick(
         self, replicas: Sequence[Replica], tried: Collection[Replica], panic: bool, now: float
     ) -> Replica | None:
-        n = len(replicas)
-        if n == 0:
+        if not replicas:
             return None
         cumulative = self._cumulative(replicas)
-        total = cumulative[-1]
-        if total <= 0:
+        if cumulative[-1] <= 0:
             return _scan(replicas, tried, panic, now, self._rand)
         for _ in range(_SAMPLES):
-            i = bisect.bisect_right(cumulative, self._rand() * total)
-            candidate = replicas[min(i, n - 1)]
+            candidate = self._draw(replicas, cumulative)
             if _usable(candidate, tried, panic, now):
                 return candidate
         # The draws kept missing (the heavy replicas tried or ejected): still in proportion to
@@ -233,5 +230,10 @@ class Weighted(_Sampling):
         weights = list(itertools.accumulate(r.endpoint.weight for r in usable))
         if weights[-1] <= 0:
             return usable[int(self._rand() * len(usable))]
-        i = bisect.bisect_right(weights, self._rand() * weights[-1])
-        return usable[min(i, len(usable) - 1)]
+        return self._draw(usable, weights)
+
+    def _draw(self, replicas: Sequence[Replica], cumulative: list[float]) -> Replica:
+        """One of ``replicas`` at random in proportion to weight (``cumulative``: their running
+        sums, the last one positive)."""
+        i = bisect.bisect_right(cumulative, self._rand() * cumulative[-1])
+        return replicas[min(i, len(replicas) - 1)]

@@ -1107,9 +1107,13 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if self.budget is not None and not self.budget.try_withdraw():
             self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
             return False
+        self._hedge_launched(request, number, after)
+        return True
+
+    def _hedge_launched(self, request: httpx.Request, number: int, after: float) -> None:
+        """Count hedge ``number`` of ``request``, sent ``after`` seconds in, and announce it."""
         self._instruments.hedges.add(1, self._host(request.url).attributes)
         emit(self.hooks, HedgeLaunched("http", number, after))
-        return True
 
     def _good(self, response: httpx.Response) -> bool:
         return response.status_code not in self.classifier.retry_statuses
@@ -1186,8 +1190,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         the request's own timeouts."""
         call.sent += 1
         limit = self.attempt_timeout
+        now = self._clock.monotonic()
+        left: float | None = None
         if call.deadline_at is not None:
-            left = call.deadline_at - self._clock.monotonic()
+            left = call.deadline_at - now
             limit = left if limit is None else min(limit, left)
             if self.deadline_header:
                 request.headers[self.deadline_header] = f"{max(left, 0.0):.3f}"
@@ -1202,16 +1208,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             read = timeouts["read"]
             # A cut pays only if a copy sent then has the delay to answer in before the
             # deadline: else the attempt is given up to a copy with less time than it had.
-            now_at = self._clock.monotonic()
             if (
                 (read is None or read_limit < read)
-                and now_at >= self._no_cut_until  # (see `_hedge_after_cut`)
-                and (call.deadline_at is None or call.deadline_at - now_at >= 2 * read_limit)
+                and now >= self._no_cut_until  # (see `_hedge_after_cut`)
+                and (left is None or left >= 2 * read_limit)
             ):
                 call.full_read = read
                 call.shortened = True
-                now = self._clock.monotonic
-                timeouts = _ReadCut.make(timeouts, read_limit, now, now())
+                timeouts = _ReadCut.make(timeouts, read_limit, self._clock.monotonic, now)
         request.extensions = {**request.extensions, "timeout": timeouts}
 
     # -- decisions -----------------------------------------------------------------------------------
@@ -1985,8 +1989,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._censored(request, call, delay)
         if not self._may_hedge(request, 1, delay):
             self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
-            self._instruments.hedges.add(1, self._host(request.url).attributes)
-            emit(self.hooks, HedgeLaunched("http", 1, delay))
+            self._hedge_launched(request, 1, delay)
         return True
 
     def _settle(
@@ -2271,8 +2274,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     return stale
                 return self._finish(request, call, response)
             self._scheduled(request, call, decision, None, response)
-            # Read (a retryable answer's body is small) and closed: its connection goes back
-            # to the pool, and it is the request's answer if the breaker opens meanwhile.
+            # Closed, its connection back to the pool; if small, read first (the connection is
+            # then kept) and kept as the request's answer should the breaker open meanwhile.
             failure, answered = None, None
             try:
                 if _small(response):

@@ -445,12 +445,10 @@ class CircuitBreaker(Policy):
             return
         if self._shared is not None:
             claim = self._shared_claim(gen)
-            if claim:
-                later = _later.pending()
-                if later is not None:
-                    later.add(functools.partial(self._shared.call_async, "release", claim))
-                else:
-                    self._shared.call("release", claim)
+            if claim and not _later.defer(
+                functools.partial(self._shared.call_async, "release", claim)
+            ):
+                self._shared.call("release", claim)
         self._released(gen)
 
     async def _release_async(self, gen: int) -> None:
@@ -763,28 +761,24 @@ class CircuitBreaker(Policy):
         try:
             result = await thunk()
         except Exception as exc:
-            try:
-                failed = self._is_failure(exc)
-            except BaseException:
-                await _later.shielded(lambda: self._release_async(gen))
-                raise
-            await self._shared_outcome_async(gen, failed, started, exc)
+            await self._shared_outcome_async(gen, started, exc)
             raise
         except BaseException:
             # Cancelled: give a probe permit back (a round trip only when probing).
             await _later.shielded(lambda: self._release_async(gen))
             raise
-        try:
-            failed = self.result is not None and bool(self.result(result))
-        except BaseException:
-            await _later.shielded(lambda: self._release_async(gen))
-            raise
-        await self._shared_outcome_async(gen, failed, started, None)
+        await self._shared_outcome_async(gen, started, None, result)
         return result
 
     async def _shared_outcome_async(
-        self, gen: int, failed: bool, started: float, exc: BaseException | None
+        self, gen: int, started: float, exc: Exception | None, result: object = None
     ) -> None:
+        """`_settle` for the async driver with a store: the round trips do not block the loop."""
+        try:
+            failed = self._failed(exc, result)
+        except BaseException:
+            await _later.shielded(lambda: self._release_async(gen))
+            raise
         duration = self._clock.monotonic() - started
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         claim = self._shared_claim(gen)  # off our books now: the store must hear its outcome
@@ -818,11 +812,9 @@ class CircuitBreaker(Policy):
         shared = self._shared
         assert shared is not None
         claim = self._shared_claim(gen)
-        later = _later.pending()
-        if later is not None:
-            later.add(
-                functools.partial(self._shared_record, gen, claim, failed, slow, duration, exc)
-            )
+        if _later.defer(
+            functools.partial(self._shared_record, gen, claim, failed, slow, duration, exc)
+        ):
             return
         reply = shared.call("record", claim, failed, slow)
         self._shared_replied(reply, gen, failed, slow, duration, exc)
@@ -921,19 +913,22 @@ class CircuitBreaker(Policy):
         try:
             result = thunk()
         except Exception as exc:
-            self._settle_error(gen, exc, clock.monotonic() - started)
+            self._settle(gen, clock.monotonic() - started, exc)
             raise
         except BaseException:
             self._release(gen)
             raise
-        self._settle_result(gen, result, clock.monotonic() - started)
+        self._settle(gen, clock.monotonic() - started, None, result)
         return result
 
-    def _settle_error(self, gen: int, exc: Exception, duration: float) -> None:
-        """The call raised ``exc``: a failure if it matches ``on``, else a success. If the ``on``
-        predicate itself raises, the permit goes back (a probe's slot would be lost for good)."""
+    def _settle(
+        self, gen: int, duration: float, exc: Exception | None, result: object = None
+    ) -> None:
+        """Record the call's outcome: it raised ``exc``, or returned ``result``. If the user's
+        predicate that judges it raises, the permit goes back (a probe's slot would be lost for
+        good) and that error stands."""
         try:
-            failed = self._is_failure(exc)
+            failed = self._failed(exc, result)
         except BaseException:
             self._release(gen)
             raise
@@ -942,17 +937,12 @@ class CircuitBreaker(Policy):
         else:
             self._success(gen, duration)
 
-    def _settle_result(self, gen: int, result: object, duration: float) -> None:
-        """The call returned ``result``: judged by ``result=``, as `_settle_error` judges errors."""
-        try:
-            failed = self.result is not None and bool(self.result(result))
-        except BaseException:
-            self._release(gen)
-            raise
-        if failed:
-            self._failure(gen, duration, None)
-        else:
-            self._success(gen, duration)
+    def _failed(self, exc: Exception | None, result: object) -> bool:
+        """Was the call a failure: ``exc`` matching ``on``, or ``result`` that ``result=`` marks?
+        (Other exceptions mean the dependency answered: a success.)"""
+        if exc is not None:
+            return self._is_failure(exc)
+        return self.result is not None and bool(self.result(result))
 
     def _before_call(self, thunk: Callable[..., Any]) -> None:
         if self.listeners:
@@ -991,12 +981,12 @@ class CircuitBreaker(Policy):
         try:
             result = await thunk()
         except Exception as exc:
-            self._settle_error(gen, exc, clock.monotonic() - started)
+            self._settle(gen, clock.monotonic() - started, exc)
             raise
         except BaseException:
             self._release(gen)
             raise
-        self._settle_result(gen, result, clock.monotonic() - started)
+        self._settle(gen, clock.monotonic() - started, None, result)
         return result
 
     def describe(self) -> str:

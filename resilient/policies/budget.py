@@ -211,12 +211,14 @@ class RetryBudget:
     def _flush(self) -> None:
         """Send the calls counted so far (from `deposit`, every ``flush_calls`` calls)."""
         tokens = self._fold_shared()
-        if tokens and self._shared is not None:
-            later = _later.pending()
-            if later is not None:  # inside an async request: sent when it ends, not blocking
-                later.add(functools.partial(self._shared.take_async, tokens, False))
-            else:
-                self._shared.take(tokens, False)
+        shared = self._shared
+        # Inside an async request: sent when it ends, not blocking.
+        if (
+            tokens
+            and shared is not None
+            and not _later.defer(functools.partial(shared.take_async, tokens, False))
+        ):
+            shared.take(tokens, False)
 
     def _shared_withdraw(self) -> bool:
         assert self._shared is not None

@@ -414,7 +414,7 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         self.busy = False
         self._send(data, keep_alive)
-        if self.state != _CLOSED and not self.write_paused:
+        if self.state != _CLOSED:
             self._process()
         self._resume_reading()
 
