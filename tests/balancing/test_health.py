@@ -623,7 +623,8 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 async def test_async_runner_frozen_replica_becomes_unhealthy(fleet: Fleet) -> None:
     a, b = fleet.urls
     changes: list[Change] = []
-    check = HealthCheck(interval=0.05, timeout=0.2, healthy_threshold=1, unhealthy_threshold=2)
+    # (A 0.5 s probe timeout: a healthy replica answers well within it even on a busy machine.)
+    check = HealthCheck(interval=0.05, timeout=0.5, healthy_threshold=1, unhealthy_threshold=2)
     checker = HealthChecker(check, on_change=lambda *c: changes.append(c))
     checker.update([Endpoint(a), Endpoint(b)])
     async with anyio.create_task_group() as tg:

@@ -1435,10 +1435,10 @@ def test_a_stale_answer_gives_the_bulkhead_permit_back_when_closed(
 
 
 def test_no_read_is_cut_when_a_copy_would_have_less_time_than_the_attempt(fleet: Fleet) -> None:
-    # 0.25 s answers, a 0.4 s deadline, hedges at 0.2 s: a copy at 0.2 s could not answer in
+    # 0.5 s answers, a 0.85 s deadline, hedges at 0.45 s: a copy at 0.45 s could not answer in
     # time, so the attempt is let run (it once was given up, and the request failed).
-    fleet[0].set_faults(latency=0.25)
-    transport = rs.ResilientTransport(deadline=0.4, hedge=rs.http.Hedging(delay=0.2))
+    fleet[0].set_faults(latency=0.5)
+    transport = rs.ResilientTransport(deadline=0.85, hedge=rs.http.Hedging(delay=0.45))
     with httpx.Client(transport=transport) as client:
         assert client.get(fleet.urls[0] + "/x").status_code == 200
     assert fleet[0].counts().total == 1

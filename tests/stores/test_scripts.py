@@ -170,7 +170,7 @@ def test_a_slow_probe_reopens(store: RedisStore) -> None:
 
 
 def test_half_open_grants_exactly_k_claims_and_closes_after_k_successes(store: RedisStore) -> None:
-    h = _handle(_breaker(store, open_for=0.02, half_open_probes=2))
+    h = _handle(_breaker(store, open_for=0.3, half_open_probes=2))  # (0.3 s: room for a stall)
     first = _call(h, "open")
     assert not _call(h, "acquire", "early").granted  # still open
     _wait_open(first)
@@ -191,12 +191,12 @@ def test_half_open_grants_exactly_k_claims_and_closes_after_k_successes(store: R
 
 
 def test_a_probe_claim_lapses_after_its_lease(redis_server: RedisServer, prefix: str) -> None:
-    store = RedisStore(redis_server.url, prefix=prefix, probe_lease=0.05, socket_timeout=1.0)
+    store = RedisStore(redis_server.url, prefix=prefix, probe_lease=0.5, socket_timeout=1.0)
     h = _handle(_breaker(store, open_for=0.02))
     _wait_open(_call(h, "open"))
     assert _call(h, "acquire", "dead").granted
-    assert not _call(h, "acquire", "live").granted
-    time.sleep(0.06)
+    assert not _call(h, "acquire", "live").granted  # (0.5 s lease: room for a stall)
+    time.sleep(0.6)
     assert _call(h, "acquire", "live").granted  # the dead process's claim lapsed
     assert _call(h, "record", "dead").state == HALF_OPEN  # its late outcome counts for nothing
     assert _call(h, "record", "live").state == CLOSED
