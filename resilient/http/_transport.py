@@ -1110,6 +1110,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._hedge_launched(request, number, after)
         return True
 
+    async def _may_hedge_async(self, request: httpx.Request, number: int, after: float) -> bool:
+        """`_may_hedge` for a race in a task group: a store's round trip for the budget's token
+        does not block the event loop."""
+        if self.budget is not None and not await self.budget.try_withdraw_async():
+            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+            return False
+        self._hedge_launched(request, number, after)
+        return True
+
     def _hedge_launched(self, request: httpx.Request, number: int, after: float) -> None:
         """Count hedge ``number`` of ``request``, sent ``after`` seconds in, and announce it."""
         self._instruments.hedges.add(1, self._host(request.url).attributes)
@@ -1226,8 +1235,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         call: _Call,
         exc: BaseException | None = None,
         response: httpx.Response | None = None,
+        withdraw: bool = True,
     ) -> float | str:
-        """After an attempt: seconds to wait before the next one, or why there is none."""
+        """After an attempt: seconds to wait before the next one, or why there is none.
+        ``withdraw=False`` leaves the budget's token to the caller (`_decide_async`)."""
         if exc is not None:
             kind = self.classifier.exception_kind(exc)
             if kind == "not_retryable":
@@ -1270,10 +1281,30 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._clock.monotonic() + delay + call.last_duration > call.deadline_at
         ):
             return "deadline"
-        if self.budget is not None and not self.budget.try_withdraw():
+        if withdraw and self.budget is not None and not self.budget.try_withdraw():
             self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
             return "budget"
         return delay
+
+    async def _decide_async(
+        self,
+        request: httpx.Request,
+        call: _Call,
+        exc: BaseException | None = None,
+        response: httpx.Response | None = None,
+    ) -> float | str:
+        """`_decide` for async requests: a store's round trip for the budget's token does not
+        block the event loop."""
+        decision = self._decide(request, call, exc, response, withdraw=False)
+        budget = self.budget
+        if (
+            budget is not None
+            and not isinstance(decision, str)
+            and not await budget.try_withdraw_async()
+        ):
+            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+            return "budget"
+        return decision
 
     def _gave_up(
         self, request: httpx.Request, call: _Call, reason: str, exc: BaseException | None
@@ -1473,8 +1504,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             request.headers["Host"] = replica.route[4]
 
     def _start_attempt(
-        self, request: httpx.Request, call: _Call, read_limit: float | None = None
+        self,
+        request: httpx.Request,
+        call: _Call,
+        read_limit: float | None = None,
+        admitted: int | None = None,
     ) -> _Attempt:
+        """Choose the replica (or take the host), take the breaker's permit and start the
+        attempt's span. ``admitted``: the host breaker's permit, taken already
+        (`_admitted_async`)."""
         replica: Replica | None = None
         if call.service is not None:
             replica, gen = self._choose(request, call)
@@ -1487,7 +1525,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             assert host is not None
             breaker = host.breaker
             gen = 0
-            if breaker is not None:
+            if admitted is not None:
+                gen = admitted
+            elif breaker is not None:
                 rt = breaker._rt
                 if breaker._plain and rt.state is CLOSED:
                     gen = rt.generation  # what _acquire() answers when closed, without the call
@@ -1988,9 +2028,25 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             return False
         self._censored(request, call, delay)
         if not self._may_hedge(request, 1, delay):
-            self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
-            self._hedge_launched(request, 1, delay)
+            self._unfunded_hedge(request, delay)
         return True
+
+    async def _hedge_after_cut_async(
+        self, request: httpx.Request, call: _Call, delay: float, exc: Exception
+    ) -> bool:
+        """`_hedge_after_cut` for trio: a store's round trip for the budget's token does not
+        block the event loop."""
+        if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
+            return False
+        self._censored(request, call, delay)
+        if not await self._may_hedge_async(request, 1, delay):
+            self._unfunded_hedge(request, delay)
+        return True
+
+    def _unfunded_hedge(self, request: httpx.Request, delay: float) -> None:
+        """A copy after a read cut, sent without a budget token: no read is cut for a while."""
+        self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
+        self._hedge_launched(request, 1, delay)
 
     def _settle(
         self, request: httpx.Request, call: _Call, outcome: httpx.Response | Exception
@@ -2471,7 +2527,10 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         inner = self._async_inner
         if inner is None:
             inner = self._async_transport()
-        attempt = self._start_attempt(request, call, read_limit)
+        admitted: int | None = None
+        if _later.IN_USE and call.service is None:
+            admitted = await self._admitted_async(call)
+        attempt = self._start_attempt(request, call, read_limit, admitted)
         try:
             response = await inner.handle_async_request(request)
         except Exception as exc:
@@ -2487,6 +2546,20 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._attempt_answered(attempt, call, response)
         return response
 
+    @staticmethod
+    async def _admitted_async(call: _Call) -> int | None:
+        """The permit of a host breaker bound to a store, taken without blocking the event loop
+        (`CircuitBreaker._acquire_async`); None when there is no such breaker."""
+        host = call.host
+        assert host is not None
+        breaker = host.breaker
+        if breaker is None or breaker._shared is None:
+            return None
+        gen = await breaker._acquire_async()
+        if gen == REJECTED:
+            raise breaker._reject()
+        return gen
+
     async def _hedged_async(
         self, request: httpx.Request, call: _Call, delay: float
     ) -> httpx.Response:
@@ -2497,7 +2570,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         try:
             response = await self._attempt_async(request, call, read_limit=delay)
         except httpx.ReadTimeout as exc:
-            if not self._hedge_after_cut(request, call, delay, exc):
+            if not await self._hedge_after_cut_async(request, call, delay, exc):
                 raise
             return await self._attempt_async(request, call)
         if call.shortened:
@@ -2521,7 +2594,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if (
             call.delay is not None
             and isinstance(outcome, Exception)
-            and self._hedge_after_cut(request, call, call.delay, outcome)
+            and await self._hedge_after_cut_async(request, call, call.delay, outcome)
         ):
             return await self._attempt_async(request, call)
         raise outcome
@@ -2568,7 +2641,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                             await changed.wait()
                     if winner or len(outcomes) == launched:
                         break  # decided, or every attempt so far failed: the retry loop acts
-                    if not self._may_hedge(request, launched, delay * launched):
+                    if not await self._may_hedge_async(request, launched, delay * launched):
                         break
                     tg.start_soon(run, _clone(request), tg)
                     launched += 1
@@ -2596,7 +2669,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         guard = call.service.breaker if call.service is not None else None
         if guard is None:
             return await self._loop_async(request, call)
-        gen = guard._acquire()
+        gen = await guard._acquire_async()
         if gen == REJECTED:
             return self._shed(request, call, guard)
         try:
@@ -2663,7 +2736,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 failure, answered = exc, None
                 if _later.IN_USE:
                     await _later.flush_pending()
-                decision = self._decide(request, call, exc=exc)
+                decision = await self._decide_async(request, call, exc=exc)
                 if isinstance(decision, str):
                     self._gave_up(request, call, decision, exc)
                     stale = self._degraded(request, call, exc)
@@ -2684,7 +2757,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                     with anyio.CancelScope(shield=True):
                         await response.aclose()  # cancelled: nobody will take it
                     raise
-            decision = self._decide(request, call, response=response)
+            try:
+                decision = await self._decide_async(request, call, response=response)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()  # cancelled: nobody will take it
+                raise
             if isinstance(decision, str):
                 self._gave_up(request, call, decision, None)
                 stale = self._degraded(request, call, response)

@@ -427,6 +427,27 @@ class CircuitBreaker(Policy):
         self._announce_admitted(change, gen)
         return gen
 
+    async def _acquire_async(self) -> int:
+        """`_acquire` for async code: with a store, its round trip (a stale state's refresh, a
+        half-open probe's claim) does not block the event loop."""
+        shared = self._shared
+        if shared is None:
+            return self._acquire()
+        gen = self._shared_plan()
+        if gen != ASK:
+            return gen
+        claim = shared.new_claim()
+        # Shielded (and bounded by the store's socket timeout): a cancellation between Redis
+        # granting the claim and this process recording it would leak the probe. One that came
+        # meanwhile is raised once the reply is in, unread: the claim is given back (a release
+        # of a claim never granted changes nothing).
+        try:
+            reply = await _later.shielded(lambda: shared.call_async("acquire", claim))
+        except BaseException:
+            await _later.shielded(lambda: shared.call_async("release", claim))
+            raise
+        return self._acquire(local=True) if reply is None else self._shared_acquired(reply, claim)
+
     def _announce_admitted(
         self, change: tuple[State, State, float | None] | None, gen: int
     ) -> None:
@@ -735,21 +756,7 @@ class CircuitBreaker(Policy):
         """The async driver with a store: the round trips never block the event loop."""
         shared = self._shared
         assert shared is not None
-        gen = self._shared_plan()
-        if gen == ASK:
-            claim = shared.new_claim()
-            # Shielded (and bounded by the store's socket timeout): a cancellation between
-            # Redis granting the claim and this process recording it would leak the probe. One
-            # that came meanwhile is raised once the reply is in, unread: the claim is given
-            # back (a release of a claim never granted changes nothing).
-            try:
-                reply = await _later.shielded(lambda: shared.call_async("acquire", claim))
-            except BaseException:
-                await _later.shielded(lambda: shared.call_async("release", claim))
-                raise
-            gen = (
-                self._acquire(local=True) if reply is None else self._shared_acquired(reply, claim)
-            )
+        gen = await self._acquire_async()
         if gen == REJECTED:
             raise self._reject()
         try:  # as in `_execute`: the user's code may raise, and the permit goes back then

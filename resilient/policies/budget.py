@@ -170,6 +170,24 @@ class RetryBudget:
             self._window.add(now, -1.0)
             return True
 
+    async def try_withdraw_async(self) -> bool:
+        """`try_withdraw` for async code: with a store, its round trip does not block the event
+        loop (asyncio and trio); without one it is `try_withdraw` itself (no I/O).
+
+        The round trip runs to its end even if the caller is cancelled meanwhile (the deposits
+        it carries are not lost); the cancellation is raised after it.
+
+        Example::
+
+            if await budget.try_withdraw_async():
+                ...  # retry
+        """
+        shared = self._shared
+        if shared is None:
+            return self.try_withdraw()
+        tokens = self._fold_shared()
+        return self._withdrawn(await _later.shielded(lambda: shared.take_async(tokens, True)))
+
     def withdraw(self) -> None:
         """Like `try_withdraw`, but raise `RetryBudgetExhausted` when the budget is spent."""
         if not self.try_withdraw():
@@ -223,7 +241,10 @@ class RetryBudget:
     def _shared_withdraw(self) -> bool:
         assert self._shared is not None
         tokens = self._fold_shared()
-        reply = self._shared.take(tokens, True)
+        return self._withdrawn(self._shared.take(tokens, True))
+
+    def _withdrawn(self, reply: tuple[bool, float] | None) -> bool:
+        """The store's answer to a withdrawal, mirrored locally; None: unavailable."""
         with self._lock:
             now = self._clock.monotonic()
             if reply is None:

@@ -225,7 +225,7 @@ class Hedge(Policy):
                     break
                 if race.pending:
                     race.pending -= 1
-                if budget is not None and not budget.try_withdraw():
+                if budget is not None and not await budget.try_withdraw_async():
                     break
                 hedge += 1
                 emit(self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started))

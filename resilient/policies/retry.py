@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
 import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -167,9 +168,10 @@ class Retry(Policy):
         return ts
 
     def _decide(
-        self, st: _CallState, exc: BaseException | None, value: Any
+        self, st: _CallState, exc: BaseException | None, value: Any, withdraw: bool = True
     ) -> float | GiveUpReason | str:
-        """After attempt ``st.attempt`` failed: seconds to wait before the next, or why not."""
+        """After attempt ``st.attempt`` failed: seconds to wait before the next, or why not.
+        ``withdraw=False`` leaves the budget's token to the caller (`_decide_async`)."""
         now = self._clock.monotonic()
         on = self.on
         if exc is None:
@@ -210,9 +212,24 @@ class Retry(Policy):
             deadline_at = ambient_at if deadline_at is None else min(deadline_at, ambient_at)
         if deadline_at is not None and now + delay + st.last_duration > deadline_at:
             return "deadline"
-        if self.budget is not None and not self.budget.try_withdraw():
+        if withdraw and self.budget is not None and not self.budget.try_withdraw():
             return "budget"
         return delay
+
+    async def _decide_async(
+        self, st: _CallState, exc: BaseException | None, value: Any
+    ) -> float | GiveUpReason | str:
+        """`_decide` for async drivers: a store's round trip for the budget's token does not
+        block the event loop."""
+        decision = self._decide(st, exc, value, withdraw=False)
+        budget = self.budget
+        if (
+            budget is not None
+            and not isinstance(decision, str)
+            and not await budget.try_withdraw_async()
+        ):
+            return "budget"
+        return decision
 
     def _give_up(self, st: _CallState, reason: str, exc: BaseException | None) -> None:
         if reason == _NOT_RETRYABLE:
@@ -310,7 +327,13 @@ class Retry(Policy):
     ) -> T:
         clock = self._clock
         while True:
-            decision = self._decide(st, exc, value)
+            try:
+                decision = await self._decide_async(st, exc, value)
+            except BaseException:
+                if exc is None:  # cancelled while a store was asked: nobody takes the result
+                    with anyio.CancelScope(shield=True):
+                        await _discard_async(value)
+                raise
             if isinstance(decision, str):
                 self._give_up(st, decision, exc)
                 if exc is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import subprocess
@@ -455,6 +456,108 @@ async def test_async_round_trips_do_not_block_the_event_loop(
     assert not is_available(store)
     assert ticks[0] >= 10  # the loop kept running while Redis did not answer
     await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_async_retry_takes_its_budget_token_without_blocking_the_event_loop(
+    anyio_backend: str, own_redis: RedisServer, prefix: str
+) -> None:
+    # With Redis stopped, the withdrawal waits out the store's 0.3 s timeout: in async code the
+    # loop runs meanwhile. (Deposits are not flushed here: the withdrawal is the one round trip.)
+    store = RedisStore(
+        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
+    )
+    budget = rs.RetryBudget(name="loop", store=store)
+    retry = rs.Retry(on=OSError, attempts=2, wait=0.0, budget=budget)
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("once")
+        return "fine"
+
+    with own_redis.stopped():
+        async with loop_ticks() as ticks:
+            assert await retry.call_async(flaky) == "fine"
+    assert not is_available(store)  # the round trip was made, and timed out
+    assert ticks[0] >= 10
+    await store.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_result_held_for_a_retry_is_closed_when_the_caller_is_cancelled_meanwhile(
+    anyio_backend: str, own_redis: RedisServer, prefix: str
+) -> None:
+    # `result=` asked for a retry; while the budget's token is asked of a stalled Redis the
+    # caller's task is cancelled (asyncio's own cancellation, raised once the shielded round
+    # trip is over). Nobody will take the result: it is closed (a response's connection).
+    store = RedisStore(
+        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
+    )
+    budget = rs.RetryBudget(name="loop", store=store)
+    retry = rs.Retry(on=OSError, result=lambda r: True, attempts=2, wait=0.0, budget=budget)
+
+    class Result:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    held = Result()
+
+    async def answer() -> Result:
+        return held
+
+    with own_redis.stopped():
+        task = asyncio.ensure_future(retry.call_async(answer))
+        await asyncio.sleep(0.1)  # in the round trip now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert held.closed
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_async_hedge_takes_its_budget_token_without_blocking_the_event_loop(
+    anyio_backend: str, own_redis: RedisServer, prefix: str
+) -> None:
+    store = RedisStore(
+        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
+    )
+    hedge = rs.Hedge(delay=0.01, budget=rs.RetryBudget(name="loop", store=store))
+    calls: list[int] = []
+
+    async def slow_once() -> str:
+        calls.append(1)
+        await anyio.sleep(1.0 if len(calls) == 1 else 0.0)
+        return "fine"
+
+    with own_redis.stopped():
+        async with loop_ticks() as ticks:
+            assert await hedge.call_async(slow_once) == "fine"
+    assert len(calls) == 2  # the hedge went out (with the local token) and answered
+    assert not is_available(store)
+    assert ticks[0] >= 10
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_try_withdraw_async_shares_the_fleet_s_tokens(
+    anyio_backend: str, redis_server: RedisServer, prefix: str
+) -> None:
+    # Two budgets on one key stand for two processes: what one withdraws async, the other sees.
+    def budget() -> rs.RetryBudget:
+        store = RedisStore(redis_server.url, prefix=prefix, socket_timeout=1.0)
+        return rs.RetryBudget(name="fleet", ratio=0.0, min_per_second=0.2, ttl=10.0, store=store)
+
+    one, two = budget(), budget()
+    assert await one.try_withdraw_async()
+    assert await one.try_withdraw_async()
+    assert not await two.try_withdraw_async()  # the fleet's 2 tokens are spent
+    assert not two.try_withdraw()
 
 
 def test_pybreaker_storage_still_works_beside_stores() -> None:

@@ -113,6 +113,49 @@ async def test_an_async_client_does_not_block_its_loop_on_the_store(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("round_trip", ["host breaker", "service breaker", "retry budget"])
+async def test_an_async_client_takes_its_permits_without_blocking_its_loop(
+    anyio_backend: str, own_redis: RedisServer, prefix: str, fleet: Fleet, round_trip: str
+) -> None:
+    # The round trips an attempt must wait for (a breaker's stale state refreshed before it, a
+    # budget's token taken before a retry) wait out the stopped Redis's 0.3 s timeout: the
+    # request waits, the loop runs. (Deposits are not flushed: those are the round trips.)
+    store = RedisStore(
+        own_redis.url,
+        prefix=prefix,
+        socket_timeout=0.3,
+        staleness=0.0,  # every call refreshes a closed breaker's state
+        flush_calls=10_000,
+        flush_interval=3600,
+    )
+    options: dict[str, Any] = {"breaker": None, "hedge": None, "wait": 0.0}
+    url = f"{fleet.urls[0]}/x"
+    if round_trip == "host breaker":
+        options["breaker"] = rs.CircuitBreaker(name="loop", store=store)
+    elif round_trip == "service breaker":
+        service = rs.balancing.Service(
+            discovery=rs.discovery.Static(fleet.urls),
+            service_breaker=rs.CircuitBreaker(name="loop", store=store),
+        )
+        options["services"] = {"orders": service}
+        url = "http://orders/x"
+    else:
+        options["budget"] = rs.RetryBudget(name="loop", store=store)
+        options["attempts"] = 2
+        url += "?status=503"
+    t = rs.ResilientTransport(**options)
+    async with httpx.AsyncClient(transport=t) as client:
+        with own_redis.stopped():
+            async with loop_ticks() as ticks:
+                response = await client.get(url)
+    assert response.status_code == (503 if round_trip == "retry budget" else 200)
+    assert fleet[0].counts().total == (2 if round_trip == "retry budget" else 1)
+    assert not is_available(store)  # the round trip was made, and timed out
+    assert ticks[0] >= 10  # while the loop kept running
+    await store.aclose()
+
+
+@pytest.mark.anyio
 async def test_the_store_hears_each_attempt_before_the_next(
     anyio_backend: str, redis_server: RedisServer, prefix: str, fleet: Fleet
 ) -> None:
