@@ -51,15 +51,21 @@ _MAX_TEXT = 500
 
 # scheme://userinfo@host: the userinfo runs to the last "@" before the path, query or fragment, so
 # an unescaped "@" inside a password is still covered.
-_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^\s/?#'\"<>]+@", re.IGNORECASE)
+# (Also a network-path reference, "//user:pass@host", with no scheme.)
+_USERINFO = re.compile(
+    r"(?P<scheme>(?:\b[a-z][a-z0-9+.-]*:)?(?<![\w/])//)[^\s/?#'\"<>]+@", re.IGNORECASE
+)
 
 _AUTH_SCHEME = r"(?:Bearer|Basic|Digest|Token|Negotiate|NTLM|AWS4-HMAC-SHA256)\s+"
 
 # Headers whose whole value is secret and may hold spaces and ";" (cookies, Digest parameters): the
 # value runs to the closing quote or the end of the line.
+# Also in the reprs of header mappings and lists of pairs: {b'authorization': b'...'},
+# [(b'authorization', b'...')] (a comma after a quoted name, before a quoted value).
 _SECRET_HEADER = re.compile(
-    r"(?P<key>(?<![\w-])(?:proxy-)?(?:authorization|(?:set-)?cookie)[\"']?\s*[:=]\s*)"
-    rf"(?P<value>\"[^\"\r\n]*\"|'[^'\r\n]*'|(?P<scheme>{_AUTH_SCHEME})?[^\r\n'\"]*)",
+    r"(?P<key>(?<![\w-])(?:proxy-)?(?:authorization|(?:set-)?cookie)"
+    r"(?:[\"']?\s*[:=]|[\"']\s*,(?=\s*b?[\"']))\s*)"
+    rf"(?P<value>b?\"[^\"\r\n]*\"|b?'[^'\r\n]*'|(?P<scheme>{_AUTH_SCHEME})?[^\r\n'\"]*)",
     re.IGNORECASE,
 )
 
@@ -68,16 +74,25 @@ _SECRET_HEADER = re.compile(
 _SECRET_WORDS = r"(?:token|key|secret|pass|pwd|sig|auth|credential|session|cookie|jwt)"
 _SECRET_PAIR = re.compile(
     rf"(?P<key>(?<![\w.-])[\w.-]{{0,40}}{_SECRET_WORDS}[\w.-]{{0,40}}[\"']?\s*[:=]\s*)"
-    rf"(?P<value>\"[^\"\r\n]*\"|'[^'\r\n]*'|(?P<scheme>{_AUTH_SCHEME})?[^\s&#'\",;]*)",
+    rf"(?P<value>b?\"[^\"\r\n]*\"|b?'[^'\r\n]*'|(?P<scheme>{_AUTH_SCHEME})?[^\s&#'\",;]*)",
+    re.IGNORECASE,
+)
+
+# h11 rejects a header value (a token read with its trailing newline) naming the value, not the
+# header: "Illegal header value b'Bearer abc\n'". Any such value is masked whole.
+_ILLEGAL_HEADER = re.compile(
+    r"(?P<key>illegal header (?:value|name)\s*)(?P<value>b?\"[^\"\r\n]*\"|b?'[^'\r\n]*'|\S+)",
     re.IGNORECASE,
 )
 
 
 def _mask_value(match: re.Match[str]) -> str:
     value = match["value"]
-    if value[:1] in ("'", '"'):
-        return f"{match['key']}{value[0]}{_MASK}{value[0]}"
-    return f"{match['key']}{match['scheme'] or ''}{_MASK}"
+    prefix = "b" if value[:1] == "b" and value[1:2] in ("'", '"') else ""
+    quote = value[len(prefix) : len(prefix) + 1]
+    if quote in ("'", '"'):
+        return f"{match['key']}{prefix}{quote}{_MASK}{quote}"
+    return f"{match['key']}{match.groupdict().get('scheme') or ''}{_MASK}"
 
 
 def redact(text: str) -> str:
@@ -99,6 +114,7 @@ def redact(text: str) -> str:
         'Authorization: Bearer ***'
     """
     text = _USERINFO.sub(rf"\g<scheme>{_MASK}@", text)
+    text = _ILLEGAL_HEADER.sub(_mask_value, text)
     text = _SECRET_HEADER.sub(_mask_value, text)
     return _SECRET_PAIR.sub(_mask_value, text)
 

@@ -109,6 +109,22 @@ class Flaky:
             "connection refused: http://host:8080/a?b=c",
             "connection refused: http://host:8080/a?b=c",
         ),
+        # The reprs of header mappings and lists of pairs (httpx, h11, aiohttp), bytes or str.
+        ("{b'authorization': b'Bearer t1'}", "{b'authorization': b'***'}"),
+        (
+            "[(b'authorization', b'Bearer t2'), (b'accept', b'*/*')]",
+            "[(b'authorization', b'***'), (b'accept', b'*/*')]",
+        ),
+        ("<CIMultiDict('Authorization': 'Bearer t3')>", "<CIMultiDict('Authorization': '***')>"),
+        ("('Cookie', 'sid=t4')", "('Cookie', '***')"),
+        (
+            "Authorization, Cookie and Set-Cookie headers",
+            "Authorization, Cookie and Set-Cookie headers",
+        ),
+        # h11's refusal of a token read with its newline names the value, not the header.
+        ("Illegal header value b'Bearer t5\\n'", "Illegal header value b'***'"),
+        ("//user:t6@host/x", "//***@host/x"),
+        ("see https://example.com//path@x", "see https://example.com//path@x"),
     ],
 )
 def test_redact(text: str, expected: str) -> None:

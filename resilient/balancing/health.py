@@ -401,6 +401,7 @@ class HealthChecker:
         self._view: tuple[int, Mapping[str, HealthStatus]] = (0, MappingProxyType({}))
         self._pending: deque[tuple[str, HealthStatus, HealthStatus]] = deque()
         self._notify_lock = threading.Lock()
+        self._notifying: int | None = None  # the thread calling on_change now
         self._closed = False
         self._runner: str | None = None
         self._thread: threading.Thread | None = None
@@ -640,10 +641,13 @@ class HealthChecker:
                     except IndexError:
                         break
                     if self._on_change is not None:
+                        self._notifying = threading.get_ident()
                         try:
                             self._on_change(url, old, new)
                         except Exception:
                             _log.exception("resilient: health on_change callback failed")
+                        finally:
+                            self._notifying = None
             finally:
                 self._notify_lock.release()
 
@@ -736,6 +740,8 @@ class HealthChecker:
             pool.shutdown(wait=True, cancel_futures=True)
             self._abandon_in_flight()
             self._release()
+            if self._closed:  # (close() may have been called from one of these threads)
+                self._close_client()
 
     def _probe_sync(self, client: httpx.Client, tracker: _Tracker) -> None:
         try:
@@ -850,8 +856,16 @@ class HealthChecker:
             self._closed = True
             thread, self._thread = self._thread, None
         self._kick()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None:
+            if thread is threading.current_thread() or self._notifying == threading.get_ident():
+                # Called from on_change, on one of the threads the runner waits for: it stops
+                # and closes the client itself once this call returns (joined here, it would
+                # wait for this very thread).
+                return
             thread.join()
+        self._close_client()
+
+    def _close_client(self) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from resilient.policies._common import check_positive
+from resilient.telemetry import _clean, redact
 
 __all__ = ["Discovery", "Endpoint", "Snapshot", "Source"]
 
@@ -42,12 +43,20 @@ class Endpoint:
     priority: int = 0
     zone: str | None = None
     id: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # (Not in the repr: registries' metadata may hold credentials, e.g. an actuator's password.)
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         parsed = httpx.URL(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"url must be an http(s) URL with a host, got {self.url!r}")
+            raise ValueError(f"url must be an http(s) URL with a host, got {redact(self.url)!r}")
+        if parsed.userinfo:
+            # A replica URL is shown in logs, statistics and reprs, and requests routed to it
+            # take the caller's credentials, not these: refused rather than leaked or ignored.
+            raise ValueError(
+                "url must not hold credentials (give the client auth= or headers instead), "
+                f"got {redact(self.url)!r}"
+            )
         check_positive("weight", self.weight, allow_zero=True)
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
@@ -143,7 +152,7 @@ class Source:
                 "resilient: discovery %s failed (%s: %s); keeping the last %d endpoint(s)",
                 self.name,
                 type(exc).__name__,
-                exc,
+                _clean(str(exc)),  # a backend's error may name a URL with its credentials
                 kept,
             )
 
@@ -154,7 +163,11 @@ class Source:
         return None
 
     def __enter__(self) -> Source:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # interrupted half-way: what it started is stopped
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

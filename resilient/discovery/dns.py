@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from resilient.discovery._base import Endpoint, Source
 from resilient.policies._common import check_positive
+from resilient.telemetry import redact
 
 if TYPE_CHECKING:
     import dns.name
@@ -167,6 +168,7 @@ class DNS(Source):
         self._qname = qname
         self._resolver = resolver if resolver is not None else _make_resolver(nameserver, port)
         self._control = threading.Lock()
+        self._starting = False  # start() is making the first lookup
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._backoff = self.min_ttl
@@ -178,10 +180,22 @@ class DNS(Source):
     def start(self) -> None:
         """Resolve once (bounded by ``timeout``), then keep refreshing in a daemon thread."""
         with self._control:
-            if self._thread is not None:
+            if self._thread is not None or self._starting:
                 return
+            self._starting = True
             stop = self._stop = threading.Event()
+        try:
+            # Outside the lock: the first answer goes to the listeners in this thread, and one
+            # may call close() (or start()) on this source.
             delay = self._refresh()
+        except BaseException:
+            with self._control:
+                self._starting = False
+            raise
+        with self._control:
+            self._starting = False
+            if stop.is_set():
+                return  # closed meanwhile: no thread
             thread = threading.Thread(
                 target=self._run, args=(stop, delay), name=f"resilient-dns-{self.name}", daemon=True
             )
@@ -339,7 +353,9 @@ def _make_resolver(nameserver: str | Sequence[str] | None, port: int) -> dns.res
             try:
                 ipaddress.ip_address(server)
             except ValueError:
-                raise ValueError(f"nameserver must be an IP address, got {server!r}") from None
+                raise ValueError(
+                    f"nameserver must be an IP address, got {redact(server)!r}"
+                ) from None
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = servers
     resolver.port = port

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import httpx
 
 from resilient.discovery._base import Endpoint, Source
+from resilient.telemetry import redact
 
 __all__ = ["ZooKeeper", "register_zookeeper"]
 
@@ -270,10 +271,10 @@ def _instance_json(
     """Curator's JSON for a server at ``url`` (``http(s)://host[:port]``, no path)."""
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"url must be an http(s) URL with a host, got {url!r}")
+        raise ValueError(f"url must be an http(s) URL with a host, got {redact(url)!r}")
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.userinfo:
         raise ValueError(
-            f"url must be scheme://host:port with no path, query or userinfo, got {url!r}"
+            f"url must be scheme://host:port with no path, query or userinfo, got {redact(url)!r}"
         )
     Endpoint(url, **_hints(payload))  # weight, zone, priority: what every reader will demand
     https = parsed.scheme == "https"
@@ -378,6 +379,13 @@ class ZooKeeper(Source):
             if self._started or self._closed:
                 return
             self._started = True
+        try:
+            self._connect()
+        except BaseException:  # a bad host string, a Ctrl-C during the wait: nothing runs on
+            self.close()
+            raise
+
+    def _connect(self) -> None:
         if self._client is None:
             self._client = _new_client(self._k, self._hosts or "", self._session_timeout)
         self._client.add_listener(self._on_state)
@@ -404,6 +412,8 @@ class ZooKeeper(Source):
         if not started:
             return
         client = self._client
+        if client is None:  # its start() failed before a client was made
+            return
         client.remove_listener(self._on_state)
         if self._owns_client:
             # Stopping first fails the pump's outstanding request at once.

@@ -58,6 +58,7 @@ from resilient.policies.budget import RetryBudget
 from resilient.policies.bulkhead import Bulkhead
 from resilient.policies.retry import add_note, full_jitter
 from resilient.policies.timeout import loop_timer
+from resilient.telemetry import redact
 
 __all__ = ["Hedging", "ResilientTransport"]
 
@@ -91,7 +92,10 @@ _SENSITIVE_QUERY_WORDS = re.compile(
 
 
 def _url_for_telemetry(url: httpx.URL) -> str:
-    """``url.full`` per the OpenTelemetry HTTP conventions: userinfo and signatures redacted."""
+    """``url.full`` per the OpenTelemetry HTTP conventions: userinfo and signatures redacted,
+    and no fragment (never sent; OAuth's implicit flow puts tokens there)."""
+    if url.fragment:
+        url = url.copy_with(fragment=None)
     if url.userinfo:
         url = url.copy_with(username="REDACTED", password="REDACTED")
     if url.query:
@@ -1027,8 +1031,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         started: list[ServiceRuntime] = []
         try:
             for runtime in self._services.values():
+                started.append(runtime)  # (before: a start() interrupted half-way is closed too)
                 runtime.service.discovery.start()
-                started.append(runtime)
         except BaseException:
             for runtime in started:
                 runtime.close()
@@ -1050,7 +1054,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         else:
             raise ValueError(
                 f"services[{name!r}] must be a discovery source, a Service or a list of URLs, "
-                f"got {spec!r}"
+                f"got {redact(repr(spec))}"
             )
         return ServiceRuntime(
             name,

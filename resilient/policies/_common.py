@@ -73,3 +73,19 @@ def resolve_clock(clock: Clock | None) -> Clock:
     if not isinstance(clock, Clock):
         raise ValueError(f"clock must have monotonic(), sleep() and sleep_async(), got {clock!r}")
     return clock
+
+
+def discard(value: object) -> None:
+    """Close a result that is being thrown away (an HTTP response, a file), as STYLE §5 asks."""
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
+
+
+async def discard_async(value: object) -> None:
+    """`discard` for async code: ``aclose()`` if the result has one."""
+    aclose = getattr(value, "aclose", None)
+    if callable(aclose):
+        await aclose()
+        return
+    discard(value)

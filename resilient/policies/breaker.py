@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import anyio
+
 from resilient import _later
 from resilient._clock import Clock
 from resilient._errors import CircuitOpenError
@@ -39,6 +41,8 @@ from resilient.policies._common import (
     check_fraction,
     check_positive,
     compile_matcher,
+    discard,
+    discard_async,
     resolve_clock,
 )
 from resilient.policies._windows import CountWindow, TimeWindow
@@ -774,7 +778,12 @@ class CircuitBreaker(Policy):
             # Cancelled: give a probe permit back (a round trip only when probing).
             await _later.shielded(lambda: self._release_async(gen))
             raise
-        await self._shared_outcome_async(gen, started, None, result)
+        try:
+            await self._shared_outcome_async(gen, started, None, result)
+        except BaseException:  # ``result=`` raised (or cancelled): nobody takes the result
+            with anyio.CancelScope(shield=True):
+                await discard_async(result)
+            raise
         return result
 
     async def _shared_outcome_async(
@@ -925,7 +934,11 @@ class CircuitBreaker(Policy):
         except BaseException:
             self._release(gen)
             raise
-        self._settle(gen, clock.monotonic() - started, None, result)
+        try:
+            self._settle(gen, clock.monotonic() - started, None, result)
+        except BaseException:  # ``result=`` raised: nobody takes the result
+            discard(result)
+            raise
         return result
 
     def _settle(
@@ -993,7 +1006,12 @@ class CircuitBreaker(Policy):
         except BaseException:
             self._release(gen)
             raise
-        self._settle(gen, clock.monotonic() - started, None, result)
+        try:
+            self._settle(gen, clock.monotonic() - started, None, result)
+        except BaseException:  # ``result=`` raised: nobody takes the result
+            with anyio.CancelScope(shield=True):
+                await discard_async(result)
+            raise
         return result
 
     def describe(self) -> str:

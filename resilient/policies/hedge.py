@@ -48,8 +48,10 @@ from resilient._clock import Clock, SystemClock
 from resilient._policy import Policy
 from resilient.events import HedgeLaunched, Hook, emit
 from resilient.policies._common import check_count, check_positive, resolve_clock
+from resilient.policies._common import discard as _discard
+from resilient.policies._common import discard_async as _discard_async
 from resilient.policies.budget import RetryBudget
-from resilient.policies.retry import _discard, _discard_async, add_note
+from resilient.policies.retry import add_note
 
 __all__ = ["Hedge"]
 
@@ -61,10 +63,11 @@ _log = logging.getLogger("resilient")
 class _AsyncRace(Generic[T]):
     """Where one async call's attempts stand (touched only from the event loop's thread)."""
 
-    __slots__ = ("failures", "fatal", "pending", "value", "waiting", "won")
+    __slots__ = ("claimed", "failures", "fatal", "pending", "value", "waiting", "won")
 
     def __init__(self) -> None:
         self.won = False
+        self.claimed = False  # the winner's value was returned to the caller
         self.value: T | None = None
         self.failures: list[Exception] = []
         self.pending = 0  # failures not yet answered with a hedge
@@ -211,29 +214,37 @@ class Hedge(Policy):
         clock = self._clock
         started = clock.monotonic()
         race: _AsyncRace[T] = _AsyncRace()
-        async with anyio.create_task_group() as tg:
-            everyone = tg.cancel_scope
-            tg.start_soon(self._attempt_async, thunk, race, everyone)
-            hedge = 0
-            while hedge < self.max_hedges:
-                if not race.pending:
-                    with anyio.CancelScope() as waiting:
-                        race.waiting = waiting  # a failing attempt cancels it: hedge at once
-                        await clock.sleep_async(self.delay)
-                    race.waiting = None
-                if race.won or race.fatal is not None:
-                    break
-                if race.pending:
-                    race.pending -= 1
-                if budget is not None and not await budget.try_withdraw_async():
-                    break
-                hedge += 1
-                emit(self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started))
+        try:
+            async with anyio.create_task_group() as tg:
+                everyone = tg.cancel_scope
                 tg.start_soon(self._attempt_async, thunk, race, everyone)
+                hedge = 0
+                while hedge < self.max_hedges:
+                    if not race.pending:
+                        with anyio.CancelScope() as waiting:
+                            race.waiting = waiting  # a failing attempt cancels it: hedge at once
+                            await clock.sleep_async(self.delay)
+                        race.waiting = None
+                    if race.won or race.fatal is not None:
+                        break
+                    if race.pending:
+                        race.pending -= 1
+                    if budget is not None and not await budget.try_withdraw_async():
+                        break
+                    hedge += 1
+                    emit(self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started))
+                    tg.start_soon(self._attempt_async, thunk, race, everyone)
+            if race.fatal is None and race.won:
+                race.claimed = True
+                return race.value  # type: ignore[return-value]
+        finally:
+            if race.won and not race.claimed:
+                # The caller leaves (cancelled, or another attempt raised KeyboardInterrupt) just
+                # as an attempt won: nobody takes its result.
+                with anyio.CancelScope(shield=True):
+                    await _drop_async(race.value)
         if race.fatal is not None:
             raise race.fatal
-        if race.won:
-            return race.value  # type: ignore[return-value]
         raise self._all_failed(race.failures)
 
     async def _attempt_async(
@@ -285,12 +296,20 @@ class Hedge(Policy):
                 if not slots.acquire(blocking=False):
                     hedging = False
                     continue
-                if budget is not None and not budget.try_withdraw():
+                try:  # the slot is ours until `_launch` hands it to the attempt
+                    funded = budget is None or budget.try_withdraw()
+                    if funded:
+                        hedge += 1
+                        emit(
+                            self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started)
+                        )
+                except BaseException:  # a hook's BaseException, a KeyboardInterrupt
+                    slots.release()
+                    raise
+                if not funded:
                     slots.release()
                     hedging = False
                     continue
-                hedge += 1
-                emit(self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started))
                 self._launch(thunk, race)
             with race.cond:
                 if race.fatal is not None:

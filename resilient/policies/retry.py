@@ -29,6 +29,8 @@ from resilient.policies._common import (
     compile_matcher,
     resolve_clock,
 )
+from resilient.policies._common import discard as _discard
+from resilient.policies._common import discard_async as _discard_async
 from resilient.policies.budget import RetryBudget
 
 __all__ = ["Retry", "add_note", "full_jitter"]
@@ -267,7 +269,7 @@ class Retry(Policy):
             value = thunk()
         except Exception as exc:
             return self._again(thunk, self._begin(started), exc, None)
-        if self._check_results and self._wants_retry(value):
+        if self._check_results and self._retry_wanted(value):
             return self._again(thunk, self._begin(started), None, value)
         return value
 
@@ -276,7 +278,12 @@ class Retry(Policy):
     ) -> T:
         clock = self._clock
         while True:
-            decision = self._decide(st, exc, value)
+            try:
+                decision = self._decide(st, exc, value)
+            except BaseException:
+                if exc is None:  # a predicate raised: nobody takes the result
+                    _discard(value)
+                raise
             if isinstance(decision, str):
                 self._give_up(st, decision, exc)
                 if exc is not None:
@@ -294,7 +301,7 @@ class Retry(Policy):
             except Exception as e:
                 exc, value = e, None
             else:
-                if not (self._check_results and self._wants_retry(got)):
+                if not (self._check_results and self._retry_wanted(got)):
                     return got
                 exc, value = None, got
             st.last_duration = clock.monotonic() - began
@@ -302,6 +309,23 @@ class Retry(Policy):
     def _wants_retry(self, value: Any) -> bool:
         """A cheap first look at a result; `_decide` has the final word."""
         return self._tenacity_results or (self.result is not None and bool(self.result(value)))
+
+    def _retry_wanted(self, value: Any) -> bool:
+        """`_wants_retry`; if the predicate raises, ``value`` is closed (nobody will take it)."""
+        try:
+            return self._wants_retry(value)
+        except BaseException:
+            _discard(value)
+            raise
+
+    async def _retry_wanted_async(self, value: Any) -> bool:
+        """`_retry_wanted` for async results (``aclose``)."""
+        try:
+            return self._wants_retry(value)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _discard_async(value)
+            raise
 
     async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
         if self.budget is not None:
@@ -318,7 +342,7 @@ class Retry(Policy):
             value = await thunk()
         except Exception as exc:
             return await self._again_async(thunk, self._begin(started), exc, None)
-        if self._check_results and self._wants_retry(value):
+        if self._check_results and await self._retry_wanted_async(value):
             return await self._again_async(thunk, self._begin(started), None, value)
         return value
 
@@ -330,8 +354,8 @@ class Retry(Policy):
             try:
                 decision = await self._decide_async(st, exc, value)
             except BaseException:
-                if exc is None:  # cancelled while a store was asked: nobody takes the result
-                    with anyio.CancelScope(shield=True):
+                if exc is None:  # a predicate raised, or cancelled while a store was asked:
+                    with anyio.CancelScope(shield=True):  # nobody takes the result
                         await _discard_async(value)
                 raise
             if isinstance(decision, str):
@@ -350,7 +374,7 @@ class Retry(Policy):
             except Exception as e:
                 exc, value = e, None
             else:
-                if not (self._check_results and self._wants_retry(got)):
+                if not (self._check_results and await self._retry_wanted_async(got)):
                     return got
                 exc, value = None, got
             st.last_duration = clock.monotonic() - began
@@ -377,18 +401,3 @@ def _looks_at_results(strategy: object) -> bool:
     if isinstance(strategy, (tenacity.retry_any, tenacity.retry_all)):
         return any(_looks_at_results(s) for s in strategy.retries)
     return not isinstance(strategy, _EXCEPTION_ONLY)
-
-
-def _discard(value: object) -> None:
-    """Close a result that is being thrown away (an HTTP response, a file), as STYLE §5 asks."""
-    close = getattr(value, "close", None)
-    if callable(close):
-        close()
-
-
-async def _discard_async(value: object) -> None:
-    aclose = getattr(value, "aclose", None)
-    if callable(aclose):
-        await aclose()
-        return
-    _discard(value)

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
+
 from resilient._clock import Clock
 from resilient._errors import ThrottledError
 from resilient._policy import Policy
@@ -37,6 +39,8 @@ from resilient.policies._common import (
     ExceptionMatcher,
     check_positive,
     compile_matcher,
+    discard,
+    discard_async,
     resolve_clock,
 )
 from resilient.policies._windows import TimeWindow
@@ -345,7 +349,11 @@ class AdaptiveThrottle(Policy):
             self._record(not self._refused(exc))
             raise
         # BaseException (cancellation, KeyboardInterrupt) passes through and counts as nothing.
-        self._record(self.result is None or not self.result(result))
+        try:
+            self._record(self.result is None or not self.result(result))
+        except BaseException:  # ``result=`` raised: nobody takes the result
+            discard(result)
+            raise
         return result
 
     async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
@@ -357,5 +365,10 @@ class AdaptiveThrottle(Policy):
         except Exception as exc:
             self._record(not self._refused(exc))
             raise
-        self._record(self.result is None or not self.result(result))
+        try:
+            self._record(self.result is None or not self.result(result))
+        except BaseException:  # ``result=`` raised: nobody takes the result
+            with anyio.CancelScope(shield=True):
+                await discard_async(result)
+            raise
         return result

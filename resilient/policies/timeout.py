@@ -33,7 +33,7 @@ from resilient._errors import DeadlineExceeded
 from resilient._policy import Policy
 from resilient.events import Hook, TimedOut, emit
 from resilient.policies._common import check_positive, resolve_clock
-from resilient.policies.retry import _discard
+from resilient.policies._common import discard as _discard
 
 __all__ = ["Timeout"]
 

@@ -173,7 +173,10 @@ class RedisStore:
         self.hooks = tuple(hooks)
         self._clock = resolve_clock(clock)
         if not isinstance(url, str):
-            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+            raise ValueError(
+                "url must be a redis://, rediss:// or unix:// URL (a str), "
+                f"got a {type(url).__name__}"  # (not its repr: it may hold the password)
+            )
         # Our own failure policy: one try, a short timeout, then local state.
         self._kwargs: dict[str, Any] = {
             "socket_timeout": self.socket_timeout,

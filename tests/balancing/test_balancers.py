@@ -453,6 +453,46 @@ def test_endpoint_rejects_bad_hints_naming_them(field: str, value: object) -> No
         Endpoint(url(0), **{field: value})  # type: ignore[arg-type]
 
 
+# -- credentials never shown -------------------------------------------------------------------------
+
+
+def test_an_endpoint_with_credentials_is_refused_without_showing_them() -> None:
+    # Requests routed to a replica carry the caller's credentials, not the URL's; the URL itself
+    # is shown in logs, statistics and reprs. So it may hold none, and the error hides them.
+    for bad in ("http://svc:pw5ecret@10.0.0.7:8080", "ftp://svc:pw5ecret@10.0.0.7"):
+        with pytest.raises(ValueError, match="url must") as raised:
+            Endpoint(bad)
+        assert "pw5ecret" not in str(raised.value)
+    with pytest.raises(ValueError, match="must not hold credentials"):
+        Static(["http://tok3n@10.0.0.7:8080"])
+
+
+def test_an_endpoint_s_repr_leaves_its_metadata_out() -> None:
+    endpoint = Endpoint(url(0), metadata={"user.password": "m3ta"})
+    assert "m3ta" not in repr(endpoint)
+    assert endpoint.metadata["user.password"] == "m3ta"
+
+
+def test_a_discovery_failure_is_logged_without_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A source of the user's own reports its backend's error, which names the URL it called.
+    source = Publisher([url(0)])
+    error = RuntimeError("403 for url 'http://consul:8500/v1/x?token=c0nsul'\nforged line")
+    source._failed(error)
+    (record,) = [r for r in caplog.records if r.name == "resilient.discovery"]
+    message = record.getMessage()
+    assert "keeping the last 1 endpoint(s)" in message
+    assert "c0nsul" not in message
+    assert "\n" not in message  # one line: no forged log lines
+
+
+def test_a_services_spec_is_refused_without_showing_credentials() -> None:
+    with pytest.raises(ValueError, match="must be a discovery source") as raised:
+        rs.ResilientTransport(services={"orders": "http://svc:pw5ecret@10.0.0.7"})
+    assert "pw5ecret" not in str(raised.value)
+
+
 def test_latency_window_needs_room_for_a_sample() -> None:
     with pytest.raises(ValueError, match="size must be an integer >= 1, got 0"):
         LatencyWindow(size=0)

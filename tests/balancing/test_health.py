@@ -591,6 +591,27 @@ def test_thread_runner_kill_and_restart(fleet: Fleet) -> None:
     assert fleet[1].counts().health_checks == probes  # closed means no more probes
 
 
+def test_close_called_from_on_change_returns_and_stops_every_thread(fleet: Fleet) -> None:
+    # on_change runs on a probe thread, which the runner thread waits for as it stops: close()
+    # called there must not wait for the runner (each would wait for the other, for good).
+    a, _ = fleet.urls
+    closed = threading.Event()
+
+    def on_change(url: str, old: str, new: str) -> None:
+        checker.close()  # e.g. "stop checking once the replica is gone"
+        closed.set()
+
+    fleet[0].kill()
+    check = HealthCheck(interval=0.05, timeout=1.0, unhealthy_threshold=1)
+    checker = HealthChecker(check, on_change=on_change)
+    checker.update([Endpoint(a)])
+    checker.start_thread()
+    assert closed.wait(5.0)  # close() returned
+    wait_for(lambda: health_threads() == [])
+    assert checker._client is None  # the runner closed the client on its way out
+    checker.close()  # idempotent
+
+
 def test_thread_runner_close_is_prompt_and_update_wakes_it() -> None:
     backend = Backend()
     checker = HealthChecker(HealthCheck(interval=30.0), transport=httpx.MockTransport(backend))

@@ -392,6 +392,31 @@ def test_close_leaves_no_thread_behind(dnsmasq: Dnsmasq) -> None:
     assert _dns_threads() == []
 
 
+def test_a_listener_may_close_the_source_while_start_publishes_its_first_answer(
+    dnsmasq: Dnsmasq,
+) -> None:
+    # start() hands the first answer to the listeners in the caller's thread; one that closes
+    # the source there ("stop once we have the list") must not wait for start() itself.
+    dnsmasq.start(f"--srv-host={ORDERS},host1.test,8001,0,1", "--host-record=host1.test,127.0.0.1")
+    orders = source(dnsmasq, ORDERS)
+    seen: list[set[str]] = []
+
+    def once(snapshot: Snapshot) -> None:
+        seen.append(urls(snapshot))
+        orders.close()
+
+    orders.subscribe(once)
+    starter = threading.Thread(target=orders.start, daemon=True)
+    starter.start()
+    starter.join(5.0)
+    assert not starter.is_alive()  # start() returned
+    assert seen == [{"http://127.0.0.1:8001"}]
+    assert _dns_threads() == []  # closed during start: no refresh thread
+    orders.start()  # and it can start again
+    assert len(_dns_threads()) == 1
+    orders.close()
+
+
 # -- configuration ---------------------------------------------------------------------------
 
 
@@ -417,6 +442,12 @@ def test_close_leaves_no_thread_behind(dnsmasq: Dnsmasq) -> None:
 def test_invalid_configuration_names_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         DNS(ORDERS, **kwargs)
+
+
+def test_a_refused_nameserver_is_not_shown_with_its_credentials() -> None:
+    with pytest.raises(ValueError, match="nameserver") as raised:
+        DNS(ORDERS, nameserver="https://u:s3cr3t@dns.example/dns-query?token=t0k")
+    assert "s3cr3t" not in str(raised.value) and "t0k" not in str(raised.value)
 
 
 def test_invalid_name() -> None:

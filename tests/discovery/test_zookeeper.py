@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+import resilient as rs
 from resilient.discovery._base import Discovery, Source
 from resilient.discovery.zookeeper import ZooKeeper, register_zookeeper
 from resilient.testing import Fleet
@@ -527,3 +529,62 @@ def test_registration_arguments_are_checked(url: str, kwargs: dict[str, Any], me
         register_zookeeper("127.0.0.1:1", "/services/orders", url, **kwargs),
     ):
         pass
+
+
+def _interrupt_main_thread_in(seconds: float) -> threading.Timer:
+    """Ctrl-C, as a user would press it, ``seconds`` from now."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+    timer = threading.Timer(seconds, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def _settled(before: set[threading.Thread]) -> bool:
+    time.sleep(0.05)
+    return not (set(threading.enumerate()) - before)
+
+
+@pytest.mark.parametrize("how", ["with", "transport"])
+def test_a_start_interrupted_while_waiting_leaves_nothing_running(how: str) -> None:
+    # Ctrl-C during start()'s wait for the first answer (nobody listens on port 1): the session
+    # and the watch thread it began are stopped, though `__exit__` never runs (`__enter__`
+    # raised) and the transport was never made.
+    before = set(threading.enumerate())
+    source = ZooKeeper("127.0.0.1:1", "/services/orders", connect_timeout=5.0)
+
+    def start() -> None:
+        if how == "with":
+            with source:
+                pass
+        else:
+            rs.ResilientTransport(services={"orders": source})
+
+    timer = _interrupt_main_thread_in(0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start()
+    finally:
+        timer.cancel()
+    deadline = time.monotonic() + 10.0
+    while not _settled(before):
+        assert time.monotonic() < deadline, set(threading.enumerate()) - before
+
+
+def test_a_start_that_failed_leaves_a_source_that_closes() -> None:
+    source = ZooKeeper("host:notaport", "/services/orders")
+    with pytest.raises(ValueError, match="notaport"):
+        source.start()
+    source.close()  # no AttributeError
+
+
+@pytest.mark.parametrize(
+    "url", ["http://svc:s3cr3t@10.0.0.7:8080", "http://10.0.0.7:8080/?api_key=s3cr3t"]
+)
+def test_a_refused_registration_url_is_not_shown_with_its_credentials(url: str) -> None:
+    with (
+        pytest.raises(ValueError, match="url") as raised,
+        register_zookeeper("127.0.0.1:1", "/services/orders", url),
+    ):
+        pass
+    assert "s3cr3t" not in str(raised.value)

@@ -1265,6 +1265,33 @@ def test_credentials_never_reach_spans_or_logs(
         assert secret not in logged
 
 
+def test_a_token_h11_refuses_never_reaches_the_logs(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A token read from a file with its newline: h11 refuses it, naming the value, not the
+    # header ("Illegal header value b'Bearer ...\\n'"), and the hooks log that message.
+    hook = rs.telemetry.LoggingHook()
+    retry = rs.Retry(on=httpx.HTTPError, attempts=2, wait=0.0, hooks=[hook])
+    caplog.set_level(logging.DEBUG)
+    with (
+        httpx.Client(transport=rs.ResilientTransport(hooks=[hook])) as client,
+        pytest.raises(httpx.LocalProtocolError),
+    ):
+        retry.call(lambda: client.get(fleet.urls[0] + "/x", headers={"X-Token": "t0k3n\n"}))
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("resilient"))
+    assert "Illegal header value" in logged  # the retry and the give-up were logged...
+    assert "t0k3n" not in logged  # ...without the token
+
+
+def test_url_full_drops_the_fragment(fleet: Fleet, clock: FakeClock) -> None:
+    provider, exporter = tracing()
+    transport = rs.ResilientTransport(clock=clock, tracer_provider=provider)
+    with httpx.Client(transport=transport) as client:
+        client.get(f"{fleet.urls[0]}/cb?page=2#access_token=fr4g")
+    (span,) = exporter.get_finished_spans()
+    assert attributes(span)["url.full"] == f"{fleet.urls[0]}/cb?page=2"
+
+
 def test_url_full_redacts_every_secret_looking_query_parameter(
     fleet: Fleet, clock: FakeClock
 ) -> None:

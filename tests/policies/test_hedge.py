@@ -17,6 +17,7 @@ import resilient as rs
 from resilient._deadline import deadline_scope
 from resilient.events import Event, HedgeLaunched
 from resilient.testing import FakeClock
+from tests.policies._waits import wait_until
 
 # A hedging bug tends to hang a call rather than fail it: fail fast instead.
 pytestmark = pytest.mark.timeout(10)
@@ -595,6 +596,60 @@ def test_sync_decorator_and_call_with_arguments() -> None:
         assert hedge.call(add, 1, 2) == 3
     finally:
         hedge.shutdown()
+
+
+# -- nothing lost when the caller leaves -------------------------------------------------------------
+
+
+class _Stop(BaseException):
+    """What a hook or a Ctrl-C may raise where only Exception is caught."""
+
+
+def test_a_hook_raising_a_base_exception_as_a_hedge_launches_gives_the_slot_back() -> None:
+    # The hedge's pool slot is taken before HedgeLaunched is announced: lost, two such calls
+    # would leave a 2-thread policy that never hedges again.
+    def hook(event: Event) -> None:
+        if isinstance(event, HedgeLaunched):
+            raise _Stop
+
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(5.0)
+        return "ok"
+
+    hedge = rs.Hedge(delay=0.01, max_hedges=1, max_workers=2, hooks=[hook])
+    try:
+        with pytest.raises(_Stop):
+            hedge.call(slow)
+        release.set()  # the first attempt ends and gives its own slot back
+        wait_until(lambda: hedge._rt.slots._value == 2)
+    finally:
+        release.set()
+        hedge.shutdown()
+
+
+class _Closable:
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.anyio
+async def test_an_async_winner_is_closed_when_the_caller_is_cancelled_as_it_wins() -> None:
+    hedge = rs.Hedge(delay=10.0, max_hedges=1)
+    won = _Closable()
+    with anyio.CancelScope() as caller:
+
+        async def fetch() -> _Closable:
+            await anyio.sleep(0.01)
+            caller.cancel()  # the caller's deadline fires as this attempt wins
+            return won
+
+        await hedge.call_async(fetch)
+    assert caller.cancelled_caught
+    assert won.closed  # nobody took it
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -381,3 +381,54 @@ async def test_asyncio_cancelled_error_propagates_from_wait_for() -> None:
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(retry.call_async(slow), 0.05)
     assert calls == 1
+
+
+# -- a result nobody takes is closed -----------------------------------------------------------------
+
+
+class _Answer:
+    """A result with resources (an HTTP response): closed when thrown away."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _broken_predicate(result: object) -> bool:
+    raise AttributeError("status_code")  # e.g. a predicate written for another result type
+
+
+def _judging_policies() -> list[rs.Policy]:
+    return [
+        rs.Retry(on=OSError, result=_broken_predicate, wait=0.0),
+        rs.AdaptiveThrottle(result=_broken_predicate),
+        rs.CircuitBreaker(name="judge", result=_broken_predicate),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["retry", "throttle", "breaker"])
+def test_a_result_whose_predicate_raises_is_closed(index: int) -> None:
+    policy = _judging_policies()[index]
+    answer = _Answer()
+    with pytest.raises(AttributeError):
+        policy.call(lambda: answer)
+    assert answer.closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["retry", "throttle", "breaker"])
+async def test_an_async_result_whose_predicate_raises_is_closed(index: int) -> None:
+    policy = _judging_policies()[index]
+    answer = _Answer()
+
+    async def call() -> _Answer:
+        return answer
+
+    with pytest.raises(AttributeError):
+        await policy.call_async(call)
+    assert answer.closed

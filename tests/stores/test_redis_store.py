@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import anyio
 import pybreaker
@@ -74,6 +75,10 @@ def test_a_bad_url_is_refused_without_showing_the_password() -> None:
         RedisStore(f"http://:{PASSWORD}@cache.internal:6379/0")
     assert PASSWORD not in str(info.value)
     assert "***" in str(info.value)
+    # A URL object rather than a str: its repr would show the password.
+    with pytest.raises(ValueError, match="url") as info:
+        RedisStore(urlsplit(f"redis://:{PASSWORD}@cache.internal:6379/0"))  # type: ignore[arg-type]
+    assert PASSWORD not in str(info.value)
     # redis-py also takes the password as a query option; a bad db beside it must not show it.
     with pytest.raises(ValueError, match="url") as info:
         RedisStore(f"redis://cache.internal:6379?password={PASSWORD}&db=x")
