@@ -52,8 +52,11 @@ _MAX_TEXT = 500
 # scheme://userinfo@host: the userinfo runs to the last "@" before the path, query or fragment, so
 # an unescaped "@" inside a password is still covered.
 # (Also a network-path reference, "//user:pass@host", with no scheme.)
+# (The scheme starts where no scheme character precedes it, not at any word boundary: "\b"
+# would rescan "a+a+a+..." from every "a", quadratic in the text's length.)
 _USERINFO = re.compile(
-    r"(?P<scheme>(?:\b[a-z][a-z0-9+.-]*:)?(?<![\w/])//)[^\s/?#'\"<>]+@", re.IGNORECASE
+    r"(?P<scheme>(?:(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*:)?(?<![\w/])//)[^\s/?#'\"<>]+@",
+    re.IGNORECASE,
 )
 
 _AUTH_SCHEME = r"(?:Bearer|Basic|Digest|Token|Negotiate|NTLM|AWS4-HMAC-SHA256)\s+"
@@ -73,7 +76,8 @@ _SECRET_HEADER = re.compile(
 # client_secret, password, sig...). Deliberately broad: over-redacting "keyword=" costs little.
 _SECRET_WORDS = r"(?:token|key|secret|pass|pwd|sig|auth|credential|session|cookie|jwt)"
 _SECRET_PAIR = re.compile(
-    rf"(?P<key>(?<![\w.-])[\w.-]{{0,40}}{_SECRET_WORDS}[\w.-]{{0,40}}[\"']?\s*[:=]\s*)"
+    rf"(?P<key>(?<![\w.-])[\w.-]{{0,40}}{_SECRET_WORDS}[\w.-]{{0,40}}"
+    r"(?:[\"']?\s*[:=]|[\"']\s*,(?=\s*b?[\"']))\s*)"
     rf"(?P<value>b?\"[^\"\r\n]*\"|b?'[^'\r\n]*'|(?P<scheme>{_AUTH_SCHEME})?[^\s&#'\",;]*)",
     re.IGNORECASE,
 )

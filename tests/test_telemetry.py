@@ -118,6 +118,10 @@ class Flaky:
         ("<CIMultiDict('Authorization': 'Bearer t3')>", "<CIMultiDict('Authorization': '***')>"),
         ("('Cookie', 'sid=t4')", "('Cookie', '***')"),
         (
+            "[(b'X-Api-Key', b'k3y'), (b'Accept', b'*/*')]",
+            "[(b'X-Api-Key', b'***'), (b'Accept', b'*/*')]",
+        ),
+        (
             "Authorization, Cookie and Set-Cookie headers",
             "Authorization, Cookie and Set-Cookie headers",
         ),

@@ -10,6 +10,7 @@ import httpx
 
 from resilient.discovery._base import Endpoint
 from resilient.policies._common import check_count
+from resilient.telemetry import redact
 
 if TYPE_CHECKING:
     from resilient.policies.breaker import CircuitBreaker
@@ -119,7 +120,8 @@ class Replica:
         self.unhealthy = False
 
     def __repr__(self) -> str:
-        return f"Replica({self.url!r}, in_flight={self.in_flight}, ewma={self.ewma:.4f})"
+        url = redact(self.url)  # (userinfo masked)
+        return f"Replica({url!r}, in_flight={self.in_flight}, ewma={self.ewma:.4f})"
 
     def url_for(self, logical: httpx.URL) -> httpx.URL:
         """``logical`` (a service's URL) sent to this replica: its scheme, host and port, and its

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from statistics import NormalDist
 from types import MappingProxyType, TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -51,6 +51,7 @@ import httpx
 from resilient._clock import Clock
 from resilient.discovery._base import Endpoint
 from resilient.policies._common import check_count, check_positive, resolve_clock
+from resilient.telemetry import _clean, redact
 
 __all__ = [
     "EndpointHealth",
@@ -290,6 +291,7 @@ class _Tracker:
     """One endpoint's runtime state; written under the checker's lock only."""
 
     __slots__ = (
+        "auth",
         "changed_at",
         "endpoint",
         "failures",
@@ -311,7 +313,13 @@ class _Tracker:
     def __init__(self, endpoint: Endpoint, check: HealthCheck, now: float) -> None:
         self.endpoint = endpoint
         self.url = endpoint.url
-        self.probe_url = endpoint.url.rstrip("/") + check.path
+        # Userinfo goes as Basic auth, not in the URL: httpx logs the URLs it requests.
+        url = httpx.URL(endpoint.url.rstrip("/") + check.path)
+        self.auth: Any = httpx.USE_CLIENT_DEFAULT
+        if url.userinfo:
+            self.auth = httpx.BasicAuth(url.username, url.password)
+            url = url.copy_with(username=None, password=None)
+        self.probe_url = str(url)
         self.status: HealthStatus = HEALTHY
         self.changed_at = now
         self.streak_successes = 0
@@ -616,14 +624,16 @@ class HealthChecker:
         if new == UNHEALTHY:
             _log.warning(
                 "resilient: %s is unhealthy after %d failed health check(s) (last: %s)",
-                tracker.url,
+                redact(tracker.url),
                 tracker.streak_failures,
-                why,
+                _clean(str(why)),
             )
         elif old == UNHEALTHY:
-            _log.info("resilient: %s is healthy again", tracker.url)
+            _log.info("resilient: %s is healthy again", redact(tracker.url))
         else:
-            _log.debug("resilient: %s %s -> %s (%s)", tracker.url, old, new, why)
+            _log.debug(
+                "resilient: %s %s -> %s (%s)", redact(tracker.url), old, new, _clean(str(why))
+            )
 
     def _publish(self) -> None:
         statuses = {url: t.status for url, t in self._trackers.items()}
@@ -745,7 +755,7 @@ class HealthChecker:
 
     def _probe_sync(self, client: httpx.Client, tracker: _Tracker) -> None:
         try:
-            error = self._outcome(client.get(tracker.probe_url))
+            error = self._outcome(client.get(tracker.probe_url, auth=tracker.auth))
         except Exception as exc:  # any failure to answer is a failed probe
             error = f"{type(exc).__name__}: {exc}"
         self._finish(tracker, error, self._clock.monotonic())
@@ -820,7 +830,7 @@ class HealthChecker:
 
     async def _probe_async(self, client: httpx.AsyncClient, tracker: _Tracker) -> None:
         try:
-            error = self._outcome(await client.get(tracker.probe_url))
+            error = self._outcome(await client.get(tracker.probe_url, auth=tracker.auth))
         except Exception as exc:  # any failure to answer is a failed probe
             error = f"{type(exc).__name__}: {exc}"
         self._finish(tracker, error, self._clock.monotonic())
@@ -853,14 +863,14 @@ class HealthChecker:
             assert not any(t.name.startswith("resilient-health") for t in threading.enumerate())
         """
         with self._lock:
-            self._closed = True
-            thread, self._thread = self._thread, None
+            self._closed = True  # (for good: a closed checker never runs again)
+            thread = self._thread
         self._kick()
         if thread is not None:
             if thread is threading.current_thread() or self._notifying == threading.get_ident():
                 # Called from on_change, on one of the threads the runner waits for: it stops
                 # and closes the client itself once this call returns (joined here, it would
-                # wait for this very thread).
+                # wait for this very thread). A close() from elsewhere still joins it.
                 return
             thread.join()
         self._close_client()

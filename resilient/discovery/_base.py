@@ -24,7 +24,7 @@ __all__ = ["Discovery", "Endpoint", "Snapshot", "Source"]
 _log = logging.getLogger("resilient.discovery")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Endpoint:
     """One replica of a service: where it is and how to weigh it.
 
@@ -44,24 +44,24 @@ class Endpoint:
     zone: str | None = None
     id: str | None = None
     # (Not in the repr: registries' metadata may hold credentials, e.g. an actuator's password.)
-    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         parsed = httpx.URL(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"url must be an http(s) URL with a host, got {redact(self.url)!r}")
-        if parsed.userinfo:
-            # A replica URL is shown in logs, statistics and reprs, and requests routed to it
-            # take the caller's credentials, not these: refused rather than leaked or ignored.
-            raise ValueError(
-                "url must not hold credentials (give the client auth= or headers instead), "
-                f"got {redact(self.url)!r}"
-            )
         check_positive("weight", self.weight, allow_zero=True)
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
         if self.zone is not None and not isinstance(self.zone, str):
             raise ValueError(f"zone must be a string or None, got {self.zone!r}")
+
+    def __repr__(self) -> str:
+        # The URL's userinfo (health checks send it as Basic auth) is masked.
+        return (
+            f"Endpoint(url={redact(self.url)!r}, weight={self.weight!r}, "
+            f"priority={self.priority!r}, zone={self.zone!r}, id={self.id!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,7 +168,8 @@ class DNS(Source):
         self._qname = qname
         self._resolver = resolver if resolver is not None else _make_resolver(nameserver, port)
         self._control = threading.Lock()
-        self._starting = False  # start() is making the first lookup
+        self._starting: threading.Event | None = None  # set when start()'s first lookup ends
+        self._starter: int | None = None  # the thread making it
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._backoff = self.min_ttl
@@ -179,28 +180,41 @@ class DNS(Source):
 
     def start(self) -> None:
         """Resolve once (bounded by ``timeout``), then keep refreshing in a daemon thread."""
-        with self._control:
-            if self._thread is not None or self._starting:
-                return
-            self._starting = True
-            stop = self._stop = threading.Event()
+        while True:
+            with self._control:
+                if self._thread is not None:
+                    return
+                starting = self._starting
+                if starting is None:
+                    starting = self._starting = threading.Event()
+                    self._starter = threading.get_ident()
+                    stop = self._stop = threading.Event()
+                    break
+                if self._starter == threading.get_ident():
+                    return  # from a listener, during this thread's own first lookup
+            starting.wait()  # another thread's start(): its first lookup, then look again
         try:
             # Outside the lock: the first answer goes to the listeners in this thread, and one
             # may call close() (or start()) on this source.
             delay = self._refresh()
         except BaseException:
-            with self._control:
-                self._starting = False
+            self._started(starting, None)
             raise
+        self._started(starting, None if stop.is_set() else (stop, delay))
+
+    def _started(
+        self, starting: threading.Event, run: tuple[threading.Event, float] | None
+    ) -> None:
+        """End a start(): with ``run`` (its stop event and first delay), the refresh thread."""
         with self._control:
-            self._starting = False
-            if stop.is_set():
-                return  # closed meanwhile: no thread
-            thread = threading.Thread(
-                target=self._run, args=(stop, delay), name=f"resilient-dns-{self.name}", daemon=True
-            )
-            self._thread = thread
-            thread.start()
+            self._starting = None
+            if run is not None:  # (None: failed, or closed meanwhile)
+                thread = threading.Thread(
+                    target=self._run, args=run, name=f"resilient-dns-{self.name}", daemon=True
+                )
+                self._thread = thread
+                thread.start()
+        starting.set()
 
     def close(self) -> None:
         """Stop refreshing; returns once the thread has ended (at most ``timeout`` later)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from resilient.discovery._base import Endpoint, Source
+from resilient.telemetry import redact
 
 __all__ = ["Static"]
 
@@ -25,4 +26,4 @@ class Static(Source):
         self._publish(endpoints)
 
     def __repr__(self) -> str:
-        return f"Static({[e.url for e in self.current().endpoints]!r})"
+        return f"Static({[redact(e.url) for e in self.current().endpoints]!r})"

@@ -374,7 +374,11 @@ class ZooKeeper(Source):
         return f"ZooKeeper({self._hosts!r}, {self._path!r})"
 
     def start(self) -> None:
-        """Connect, read the replicas (waiting at most ``connect_timeout``), and keep watching."""
+        """Connect, read the replicas (waiting at most ``connect_timeout``), and keep watching.
+
+        A ZooKeeper that does not answer in time is not an error: the source keeps trying in
+        the background. A start() that raises (a bad host string, Ctrl-C during its wait)
+        closes the source, and a closed source does not start again: make a new one."""
         with self._state_lock:
             if self._started or self._closed:
                 return

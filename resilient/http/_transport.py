@@ -1114,13 +1114,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._hedge_launched(request, number, after)
         return True
 
-    async def _may_hedge_async(self, request: httpx.Request, number: int, after: float) -> bool:
-        """`_may_hedge` for a race in a task group: a store's round trip for the budget's token
-        does not block the event loop."""
+    async def _hedge_token_async(self, request: httpx.Request) -> bool:
+        """A budget token for a hedge, taken without blocking the event loop on a store's
+        round trip; False (counted) if there is none."""
         if self.budget is not None and not await self.budget.try_withdraw_async():
             self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
             return False
-        self._hedge_launched(request, number, after)
         return True
 
     def _hedge_launched(self, request: httpx.Request, number: int, after: float) -> None:
@@ -2043,7 +2042,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
             return False
         self._censored(request, call, delay)
-        if not await self._may_hedge_async(request, 1, delay):
+        if await self._hedge_token_async(request):
+            self._hedge_launched(request, 1, delay)
+        else:
             self._unfunded_hedge(request, delay)
         return True
 
@@ -2645,8 +2646,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                             await changed.wait()
                     if winner or len(outcomes) == launched:
                         break  # decided, or every attempt so far failed: the retry loop acts
-                    if not await self._may_hedge_async(request, launched, delay * launched):
-                        break
+                    if not await self._hedge_token_async(request) or winner:
+                        break  # (a winner may have come while a store was asked for the token)
+                    self._hedge_launched(request, launched, delay * launched)
                     tg.start_soon(run, _clone(request), tg)
                     launched += 1
         except BaseException:

@@ -74,6 +74,10 @@ class _AsyncRace(Generic[T]):
         self.fatal: BaseException | None = None
         self.waiting: anyio.CancelScope | None = None  # the launcher's wait for the next hedge
 
+    def decided(self) -> bool:
+        """An attempt won, or one raised what ends the call (KeyboardInterrupt)."""
+        return self.won or self.fatal is not None
+
 
 class _SyncRace(Generic[T]):
     """Where one sync call's attempts stand; shared by the caller and the pool threads."""
@@ -225,12 +229,14 @@ class Hedge(Policy):
                             race.waiting = waiting  # a failing attempt cancels it: hedge at once
                             await clock.sleep_async(self.delay)
                         race.waiting = None
-                    if race.won or race.fatal is not None:
+                    if race.decided():
                         break
                     if race.pending:
                         race.pending -= 1
                     if budget is not None and not await budget.try_withdraw_async():
                         break
+                    if race.decided():
+                        break  # (while a store was asked for the token)
                     hedge += 1
                     emit(self.hooks, HedgeLaunched(self.name, hedge, clock.monotonic() - started))
                     tg.start_soon(self._attempt_async, thunk, race, everyone)

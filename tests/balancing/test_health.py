@@ -591,6 +591,38 @@ def test_thread_runner_kill_and_restart(fleet: Fleet) -> None:
     assert fleet[1].counts().health_checks == probes  # closed means no more probes
 
 
+def test_a_replica_url_s_userinfo_goes_as_basic_auth_and_never_reaches_the_logs(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200)
+
+    checker = HealthChecker(HealthCheck(), transport=httpx.MockTransport(answer))
+    checker.update([Endpoint("http://svc:pw@10.0.0.7:8080")])
+    checker.poll()
+    assert seen == ["Basic c3ZjOnB3"]  # base64("svc:pw"), as httpx would send the userinfo
+    # Against a real replica that goes down: the checker's and httpx's own log lines.
+    caplog.set_level(logging.DEBUG)
+    port = fleet[0].port
+    check = HealthCheck(interval=0.05, timeout=1.0, unhealthy_threshold=1)
+    url = f"http://svc:pw5ecret@127.0.0.1:{port}"
+    with HealthChecker(check) as real:
+        real.update([Endpoint(url)])
+        real.poll()
+        fleet[0].kill()
+
+        def down() -> bool:
+            real.poll()
+            return real.status(url) == "unhealthy"
+
+        wait_for(down)
+    assert any("unhealthy" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if "pw5ecret" in r.getMessage()]
+
+
 def test_close_called_from_on_change_returns_and_stops_every_thread(fleet: Fleet) -> None:
     # on_change runs on a probe thread, which the runner thread waits for as it stops: close()
     # called there must not wait for the runner (each would wait for the other, for good).
@@ -607,9 +639,9 @@ def test_close_called_from_on_change_returns_and_stops_every_thread(fleet: Fleet
     checker.update([Endpoint(a)])
     checker.start_thread()
     assert closed.wait(5.0)  # close() returned
-    wait_for(lambda: health_threads() == [])
+    checker.close()  # the owner's close, from another thread, still waits for every thread
+    assert health_threads() == []
     assert checker._client is None  # the runner closed the client on its way out
-    checker.close()  # idempotent
 
 
 def test_thread_runner_close_is_prompt_and_update_wakes_it() -> None:

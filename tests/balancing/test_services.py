@@ -447,14 +447,15 @@ def test_a_recovered_replica_gets_traffic_again_after_its_ejection_time(
     bad = fleet[0]
     with httpx.Client(transport=t, timeout=0.3) as client:
         get_many(client, 30)
+        faulted_at = time.monotonic()
         getattr(bad, fault)()
         deadline = time.monotonic() + 10.0
         while by_port(t)[bad.port].state != "ejected":
             assert time.monotonic() < deadline, stats(t)
             assert {r.status_code for r in get_many(client, 8)} == {200}
         replica = next(r for r in t._services["orders"].replicas if r.url == bad.url)
-        until = replica.ejected_until  # its breaker opened for 0.5 s
-        assert until > 0
+        until = replica.ejected_until
+        assert until >= faulted_at + 0.5  # its breaker opened, after the fault, for 0.5 s
         ejected_at = time.monotonic()
         getattr(bad, repair)()
         before = by_port(t)[bad.port].successes

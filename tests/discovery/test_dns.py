@@ -417,6 +417,37 @@ def test_a_listener_may_close_the_source_while_start_publishes_its_first_answer(
     orders.close()
 
 
+def test_a_start_beside_another_returns_once_the_first_answer_is_in(
+    dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() promises replicas when it returns: a second caller waits for the first one's
+    # lookup (slowed down here) rather than returning at once with none.
+    dnsmasq.start(f"--srv-host={ORDERS},host1.test,8001,0,1", "--host-record=host1.test,127.0.0.1")
+    orders = source(dnsmasq, ORDERS)
+    lookup = orders._resolve
+
+    def slow() -> Any:
+        time.sleep(0.3)
+        return lookup()
+
+    monkeypatch.setattr(orders, "_resolve", slow)
+    seen: list[set[str]] = []
+
+    def start() -> None:
+        orders.start()
+        seen.append(urls(orders.current()))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5.0)
+    assert seen == [{"http://127.0.0.1:8001"}] * 2
+    assert len(_dns_threads()) == 1
+    orders.close()
+    assert _dns_threads() == []
+
+
 # -- configuration ---------------------------------------------------------------------------
 
 

@@ -18,7 +18,13 @@ import pytest
 import redis
 
 import resilient as rs
-from resilient.events import CircuitStateChanged, Event, StoreRecovered, StoreUnavailable
+from resilient.events import (
+    CircuitStateChanged,
+    Event,
+    HedgeLaunched,
+    StoreRecovered,
+    StoreUnavailable,
+)
 from resilient.stores import RedisStore
 from resilient.stores._redis import BreakerReply
 from resilient.testing import FakeClock
@@ -463,15 +469,21 @@ async def test_async_round_trips_do_not_block_the_event_loop(
     await store.aclose()
 
 
+def _unflushed_store(server: RedisServer, prefix: str) -> RedisStore:
+    """A store whose budgets never flush their deposits: a withdrawal is their one round trip,
+    and it waits out 0.3 s when Redis is stopped."""
+    return RedisStore(
+        server.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
+    )
+
+
 @pytest.mark.anyio
 async def test_an_async_retry_takes_its_budget_token_without_blocking_the_event_loop(
     anyio_backend: str, own_redis: RedisServer, prefix: str
 ) -> None:
     # With Redis stopped, the withdrawal waits out the store's 0.3 s timeout: in async code the
     # loop runs meanwhile. (Deposits are not flushed here: the withdrawal is the one round trip.)
-    store = RedisStore(
-        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
-    )
+    store = _unflushed_store(own_redis, prefix)
     budget = rs.RetryBudget(name="loop", store=store)
     retry = rs.Retry(on=OSError, attempts=2, wait=0.0, budget=budget)
     calls: list[int] = []
@@ -498,9 +510,7 @@ async def test_a_result_held_for_a_retry_is_closed_when_the_caller_is_cancelled_
     # `result=` asked for a retry; while the budget's token is asked of a stalled Redis the
     # caller's task is cancelled (asyncio's own cancellation, raised once the shielded round
     # trip is over). Nobody will take the result: it is closed (a response's connection).
-    store = RedisStore(
-        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
-    )
+    store = _unflushed_store(own_redis, prefix)
     budget = rs.RetryBudget(name="loop", store=store)
     retry = rs.Retry(on=OSError, result=lambda r: True, attempts=2, wait=0.0, budget=budget)
 
@@ -529,9 +539,7 @@ async def test_a_result_held_for_a_retry_is_closed_when_the_caller_is_cancelled_
 async def test_an_async_hedge_takes_its_budget_token_without_blocking_the_event_loop(
     anyio_backend: str, own_redis: RedisServer, prefix: str
 ) -> None:
-    store = RedisStore(
-        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
-    )
+    store = _unflushed_store(own_redis, prefix)
     hedge = rs.Hedge(delay=0.01, budget=rs.RetryBudget(name="loop", store=store))
     calls: list[int] = []
 
@@ -546,6 +554,31 @@ async def test_an_async_hedge_takes_its_budget_token_without_blocking_the_event_
     assert len(calls) == 2  # the hedge went out (with the local token) and answered
     assert not is_available(store)
     assert ticks[0] >= 10
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_async_hedge_decided_while_its_token_is_asked_is_not_launched(
+    anyio_backend: str, own_redis: RedisServer, prefix: str
+) -> None:
+    # The first attempt answers (at 0.1 s) while the hedge's token is asked of a stalled Redis
+    # (until its 0.3 s timeout): the race is over, so no hedge is announced or started after all.
+    store = _unflushed_store(own_redis, prefix)
+    budget = rs.RetryBudget(name="late", store=store)
+    events: list[Event] = []
+    hedge = rs.Hedge(delay=0.05, budget=budget, hooks=[events.append])
+    calls: list[int] = []
+
+    async def first_wins() -> str:
+        calls.append(1)
+        await anyio.sleep(0.1 if len(calls) == 1 else 0.5)
+        return "fine"
+
+    assert await budget.try_withdraw_async()  # connected
+    with own_redis.stopped():
+        assert await hedge.call_async(first_wins) == "fine"
+    assert calls == [1]
+    assert [e for e in events if isinstance(e, HedgeLaunched)] == []
     await store.aclose()
 
 

@@ -155,6 +155,32 @@ async def test_an_async_client_takes_its_permits_without_blocking_its_loop(
     await store.aclose()
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_a_trio_race_decided_while_its_hedge_token_is_asked_sends_no_hedge(
+    anyio_backend: str, own_redis: RedisServer, prefix: str, fleet: Fleet
+) -> None:
+    # The first copy answers at 0.1 s while the hedge's token (due at 0.05 s) is asked of a
+    # stalled Redis until its 0.3 s timeout: no hedge is announced, counted or sent after that.
+    store = RedisStore(
+        own_redis.url, prefix=prefix, socket_timeout=0.3, flush_calls=10_000, flush_interval=3600
+    )
+    launched: list[object] = []
+    t = rs.ResilientTransport(
+        budget=rs.RetryBudget(name="race", store=store),
+        breaker=None,
+        hedge=rs.http.Hedging(delay=0.05, trio=True),
+        hooks=[lambda e: launched.append(e) if isinstance(e, rs.events.HedgeLaunched) else None],
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        with own_redis.stopped():
+            response = await client.get(f"{fleet.urls[0]}/x?delay=0.1")
+    assert response.status_code == 200
+    assert launched == []
+    assert fleet[0].counts().total == 1
+    await store.aclose()
+
+
 @pytest.mark.anyio
 async def test_the_store_hears_each_attempt_before_the_next(
     anyio_backend: str, redis_server: RedisServer, prefix: str, fleet: Fleet
