@@ -4,6 +4,14 @@ RFC 5861 ``stale-if-error``: a response may be served stale for ``N`` seconds af
 when the origin errs; the server's ``Cache-Control: stale-if-error=N`` wins over the default, and
 ``no-store`` keeps a response out. The body is captured as the caller reads it (a tee on the
 response stream), so the response the caller gets stays streamable.
+
+One transport often serves many users, so this is a shared cache (RFC 9111): ``private``
+answers, answers to authenticated requests not marked ``public`` and ``Vary: *`` answers are not
+kept; an answer is served only to a request with the same values of the headers its ``Vary``
+names, and the same ``Host``; ``Set-Cookie`` is never replayed. ``no-cache`` and
+``must-revalidate`` answers are not served stale unless the server allowed it with
+``stale-if-error``. A successful unsafe request (PUT, POST, DELETE, PATCH) to a URL drops its
+entry (RFC 9111 §4.4).
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ STALE_HEADER = "X-Resilient-Stale"
 
 _STALE_IF_ERROR = re.compile(r"stale-if-error\s*=\s*\"?(\d+)", re.IGNORECASE)
 _PUBLIC = re.compile(r"(^|,)\s*public\s*(,|$)", re.IGNORECASE)
-_NO_STORE = re.compile(r"(^|,)\s*(no-store|private)\s*(,|$)", re.IGNORECASE)
+_NO_STORE = re.compile(r"(^|,)\s*no-store\s*(,|$)", re.IGNORECASE)
+# "private", bare or naming fields (private="Set-Cookie"): a shared cache keeps none of it.
+_PRIVATE = re.compile(r"(^|,)\s*private\s*(=|,|$)", re.IGNORECASE)
+_REVALIDATE = re.compile(r"(^|,)\s*(no-cache|must-revalidate|proxy-revalidate)\s*(=|,|$)", re.I)
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +48,35 @@ class _Entry:
     content: bytes
     stored_at: float
     stale_for: float
+    vary: tuple[tuple[str, str | None], ...]  # the request's values of the headers Vary names
 
 
 def _key(request: httpx.Request, url: httpx.URL | None = None) -> str:
-    """The entry's key: ``url`` (a service's own URL) or the request's."""
+    """The entry's key: ``url`` (a service's own URL) or the request's, with its ``Host`` header
+    when that names another host (virtual hosts on one address)."""
     # userinfo never becomes part of a key: keys may be listed in debugging output
-    return str((url or request.url).copy_with(username=None, password=None))
+    key = str((url or request.url).copy_with(username=None, password=None))
+    if url is None:
+        host = request.headers.get("host")
+        if host is not None and host.lower() != request.url.netloc.decode("ascii").lower():
+            key += f" host={host.lower()}"
+        sni = request.extensions.get("sni_hostname")
+        if sni:
+            key += f" sni={sni}"
+    return key
+
+
+def _vary(request: httpx.Request, response: httpx.Response) -> tuple[tuple[str, str | None], ...]:
+    """The request's values of the headers the response's ``Vary`` names."""
+    names = sorted(
+        {
+            name.strip().lower()
+            for value in response.headers.get_list("vary")
+            for name in value.split(",")
+            if name.strip()
+        }
+    )
+    return tuple((name, request.headers.get(name)) for name in names)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -89,7 +124,12 @@ class StaleIfError:
         if request.method != "GET" or response.status_code != 200:
             return None
         cache_control = response.headers.get("cache-control", "")
-        if _NO_STORE.search(cache_control):
+        if (
+            _NO_STORE.search(cache_control)
+            or _PRIVATE.search(cache_control)
+            or _NO_STORE.search(request.headers.get("cache-control", ""))
+            or any(v.strip() == "*" for v in ",".join(response.headers.get_list("vary")).split(","))
+        ):
             return None
         # One transport often serves many users: an answer to an authenticated request is kept
         # only when the server marked it public (as a shared cache must, RFC 9111 §3.5).
@@ -98,7 +138,11 @@ class StaleIfError:
         ) and not _PUBLIC.search(cache_control):
             return None
         match = _STALE_IF_ERROR.search(cache_control)
-        return float(match.group(1)) if match else self.stale_for
+        if match:
+            return float(match.group(1))
+        if _REVALIDATE.search(cache_control):
+            return None  # never served stale without the server's leave (RFC 9111 §4.2.4)
+        return self.stale_for
 
     def _store(
         self, request: httpx.Request, response: httpx.Response, content: bytes, key: str
@@ -108,10 +152,12 @@ class StaleIfError:
             return
         entry = _Entry(
             response.status_code,
-            list(response.headers.raw),
+            # Never replayed: a session cookie set for one caller would go to another.
+            [(k, v) for k, v in response.headers.raw if k.lower() != b"set-cookie"],
             content,
             self._clock.monotonic(),
             stale_for,
+            _vary(request, response),
         )
         with self._lock:
             self._entries[key] = entry
@@ -136,6 +182,14 @@ class StaleIfError:
             self._store(request, response, content, key)
         return response
 
+    def invalidate(self, request: httpx.Request, url: httpx.URL | None = None) -> None:
+        """After a successful unsafe request (PUT, POST, DELETE, PATCH): drop the URL's entry,
+        which no longer stands for what the origin holds (RFC 9111 §4.4)."""
+        if request.method in _SAFE_METHODS:
+            return
+        with self._lock:
+            self._entries.pop(_key(request, url), None)
+
     def lookup(self, request: httpx.Request, url: httpx.URL | None = None) -> httpx.Response | None:
         """A stale copy of the last good answer to this GET (kept under ``url``, if given), if
         one may still be served."""
@@ -143,7 +197,7 @@ class StaleIfError:
             return None
         with self._lock:
             entry = self._entries.get(_key(request, url))
-        if entry is None:
+        if entry is None or any(request.headers.get(name) != value for name, value in entry.vary):
             return None
         age = self._clock.monotonic() - entry.stored_at
         if age > entry.stale_for:

@@ -89,8 +89,17 @@ class Classifier:
         object.__setattr__(self, "_methods", _frozen_upper(self.idempotent_methods))
 
     def is_idempotent(self, request: httpx.Request) -> bool:
-        """May this request be sent again after the server may have acted on it?"""
-        return request.method in self._methods or self.idempotency_header in request.headers
+        """May this request be sent again after the server may have acted on it? (Its method
+        is idempotent, or it carries a non-empty ``idempotency_header``.)"""
+        return request.method in self._methods or bool(
+            request.headers.get(self.idempotency_header, "").strip()
+        )
+
+    def may_hedge(self, request: httpx.Request) -> bool:
+        """May a second copy of this request go out while the first still runs? Only if its
+        method is idempotent: an ``Idempotency-Key`` makes a retry after a failure safe, not a
+        concurrent copy (a server still processing the key answers the copy 409 Conflict)."""
+        return request.method in self._methods
 
     def exception_kind(self, exc: BaseException) -> Kind:
         """Classify a transport exception."""

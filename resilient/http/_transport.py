@@ -292,6 +292,17 @@ class _ReadCut(dict[str, "float | None"]):
         self["read"] = read
 
 
+def _flag(options: Mapping[str, Any], name: str) -> bool:
+    """A per-request switch of ``request.extensions["resilient"]``: a real bool ("false" is a
+    string, and true)."""
+    value = options[name]
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"request.extensions['resilient'][{name!r}] must be True or False, got {value!r}"
+        )
+    return value
+
+
 def _uncut(request: httpx.Request, own: dict[str, float | None] | None) -> None:
     """Give a request that ends without a good answer (an error, a fallback's answer) the
     timeouts it was sent with, ``own``, if an attempt's read cut or clipped timeouts are on it:
@@ -1151,14 +1162,16 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if deadline is not None:
                     check_positive("request.extensions['resilient']['deadline']", deadline)
             if "idempotent" in options:
-                idempotent = bool(options["idempotent"])
+                idempotent = _flag(options, "idempotent")
             if "retry" in options:
-                call.retry = bool(options["retry"])
+                call.retry = _flag(options, "retry")
             if "hedge" in options:
-                call.hedge = bool(options["hedge"])
+                call.hedge = _flag(options, "hedge")
         call.idempotent = (
             self.classifier.is_idempotent(request) if idempotent is None else idempotent
         )
+        # (Hedged only if idempotent by its method, or marked so: see `Classifier.may_hedge`.)
+        hedgeable = self.classifier.may_hedge(request) if idempotent is None else idempotent
         now = self._clock.monotonic()
         if deadline is not None:
             call.deadline_at = now + deadline
@@ -1186,7 +1199,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             call.host = host = self._host(request.url)
             window = host.latency
         hedge = self.hedge
-        if hedge is not None and call.hedge and call.idempotent and call.body is None:
+        if hedge is not None and call.hedge and hedgeable and call.body is None:
             # (A streamed body cannot be sent twice.)
             call.delay = window.learned if self._learn is not None else self._fixed_delay
         if self.budget is not None:
@@ -1375,8 +1388,12 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         # httpx gives every response its own extensions dict: set the key in place.
         response.extensions["resilient"] = {"attempts": call.attempt, "stale": False}
-        if isinstance(self.fallback, StaleIfError) and response.status_code == 200:
-            return self.fallback.wrap(request, response, call.logical)
+        fallback = self.fallback
+        if isinstance(fallback, StaleIfError):
+            if response.status_code < 400:
+                fallback.invalidate(request, call.logical)  # (an unsafe method's success)
+            if response.status_code == 200:
+                return fallback.wrap(request, response, call.logical)
         return response
 
     def _rejected(self, request: httpx.Request, exc: CircuitOpenError) -> None:
@@ -1733,13 +1750,14 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         breaker = host.breaker
         gen = 0 if breaker is None else breaker._rt.generation
         own = request.extensions.get("timeout")
-        idempotent = self.classifier.is_idempotent(request)
+        hedgeable = self.classifier.may_hedge(request)
+        idempotent = hedgeable or self.classifier.is_idempotent(request)
         delay: float | None = None
         read: float | None = None
         cut: _ReadCut | None = None
         clock = self._clock
         started = clock.monotonic()
-        if idempotent and self.hedge is not None:
+        if hedgeable and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
                 read, cut = self._cut_read(request, own, delay, started)
@@ -1810,14 +1828,15 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._route(request, logical, replica, service)
         try:
             own = request.extensions.get("timeout")
-            idempotent = self.classifier.is_idempotent(request)
+            hedgeable = self.classifier.may_hedge(request)
+            idempotent = hedgeable or self.classifier.is_idempotent(request)
             latency = service.latency
             delay: float | None = None
             read: float | None = None
             cut: _ReadCut | None = None
             clock = self._clock
             started = clock.monotonic()
-            if idempotent and self.hedge is not None:
+            if hedgeable and self.hedge is not None:
                 delay = latency.learned if self._learn is not None else self._fixed_delay
                 if delay is not None:
                     read, cut = self._cut_read(request, own, delay, started)
@@ -2417,7 +2436,8 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         breaker = host.breaker
         gen = 0 if breaker is None else breaker._rt.generation
         own = request.extensions.get("timeout")
-        idempotent = self.classifier.is_idempotent(request)
+        hedgeable = self.classifier.may_hedge(request)
+        idempotent = hedgeable or self.classifier.is_idempotent(request)
         delay: float | None = None
         read: float | None = None
         cut: _ReadCut | None = None
@@ -2425,7 +2445,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         task: asyncio.Task[Any] | None = None
         clock = self._clock
         started = clock.monotonic()
-        if idempotent and self.hedge is not None:
+        if hedgeable and self.hedge is not None:
             delay = host.latency.learned if self._learn is not None else self._fixed_delay
             if delay is not None:
                 loop = _get_running_loop()

@@ -659,7 +659,9 @@ def test_sync_hedges_take_the_callers_own_transport_when_it_gave_one(fleet: Flee
 
 @ALL_MODES
 @pytest.mark.anyio
-@pytest.mark.parametrize("case", ["post", "streamed_put", "request_off", "transport_off"])
+@pytest.mark.parametrize(
+    "case", ["post", "post_with_key", "streamed_put", "request_off", "transport_off"]
+)
 async def test_requests_that_are_not_hedged(fleet: Fleet, mode: Mode, case: str) -> None:
     events = Events()
     inner = Scripted(first(Fault(delay=0.15)))
@@ -670,6 +672,12 @@ async def test_requests_that_are_not_hedged(fleet: Fleet, mode: Mode, case: str)
         start = time.perf_counter()
         if case == "post":
             response = await h.request("POST", url, content=b"order")
+        elif case == "post_with_key":
+            # Its key makes a retry after a failure safe, not a copy while it still runs (a
+            # server processing the key answers that copy 409 Conflict).
+            response = await h.request(
+                "POST", url, content=b"order", headers={"Idempotency-Key": "order-1"}
+            )
         elif case == "streamed_put":
             response = await h.request("PUT", url, content=h.stream())
         elif case == "request_off":
@@ -686,7 +694,7 @@ async def test_requests_that_are_not_hedged(fleet: Fleet, mode: Mode, case: str)
 
 @ALL_MODES
 @pytest.mark.anyio
-@pytest.mark.parametrize("case", ["post_with_key", "put_bytes"])
+@pytest.mark.parametrize("case", ["post_marked_idempotent", "put_bytes"])
 async def test_idempotent_requests_with_replayable_bodies_are_hedged(
     fleet: Fleet, mode: Mode, case: str
 ) -> None:
@@ -695,19 +703,16 @@ async def test_idempotent_requests_with_replayable_bodies_are_hedged(
     transport = make(inner, Hedging(delay=0.02, **EVERYWHERE), events)
     url = fleet.urls[0] + "/items"
     async with Harness(mode, transport) as h:
-        if case == "post_with_key":
+        if case == "post_marked_idempotent":  # the caller says a copy is safe
             response = await h.request(
-                "POST", url, content=b"order", headers={"Idempotency-Key": "order-1"}
+                "POST", url, content=b"order", extensions={"resilient": {"idempotent": True}}
             )
         else:
             response = await h.request("PUT", url, content=b"x" * 3000)
     assert attempt_of(response) == 1
-    assert response.json()["body_bytes"] == (5 if case == "post_with_key" else 3000)
+    assert response.json()["body_bytes"] == (5 if case == "post_marked_idempotent" else 3000)
     assert len(events.hedges) == 1
-    counts = fleet[0].counts()
-    assert counts.total == 2
-    if case == "post_with_key":
-        assert counts.by_key == {"order-1": 2}
+    assert fleet[0].counts().total == 2
 
 
 @ALL_MODES

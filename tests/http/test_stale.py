@@ -217,12 +217,18 @@ def test_only_gets_are_answered_stale(fleet: Fleet, clock: FakeClock, method: st
     transport = rs.ResilientTransport(clock=clock, wait=0.0, fallback=cache)
     url = fleet.urls[0] + "/orders"
     with httpx.Client(transport=transport) as client:
-        assert client.get(url).status_code == 200
         assert client.request(method, url).status_code == 200
-        assert len(cache) == 1  # the GET only
+        assert len(cache) == 0  # not kept
+        assert client.get(url).status_code == 200
+        assert len(cache) == 1  # the GET
+        assert client.request(method, url).status_code == 200
+        # ...dropped: the URL's state changed, and the old answer no longer stands for it
+        assert len(cache) == 0
         fleet[0].set_faults(error_rate=1.0)
         failed = client.request(method, url)
+        gone = client.get(url)
     assert failed.status_code == 503
+    assert gone.status_code == 503
     assert info(failed)["stale"] is False
 
 
@@ -380,7 +386,18 @@ def test_the_default_window_applies_without_a_directive(clock: FakeClock) -> Non
 
 @pytest.mark.parametrize(
     "cache_control",
-    ["no-store", "max-age=60, no-store", "NO-STORE", "private", "private, max-age=5"],
+    [
+        "no-store",
+        "max-age=60, no-store",
+        "NO-STORE",
+        "private",
+        "private, max-age=5",
+        'private="Set-Cookie", max-age=60',  # private with fields: a shared cache keeps none
+        # Not to be served stale without the server's leave (RFC 9111 §4.2.4):
+        "no-cache",
+        "max-age=60, must-revalidate",
+        "proxy-revalidate",
+    ],
 )
 def test_no_store_and_private_answers_are_not_kept(clock: FakeClock, cache_control: str) -> None:
     origin = Origin({"Cache-Control": cache_control})
@@ -457,3 +474,65 @@ def test_an_answer_read_by_the_inner_transport_is_kept(clock: FakeClock) -> None
 def test_stale_if_error_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         StaleIfError(**kwargs)
+
+
+def test_a_must_revalidate_answer_is_served_stale_where_the_server_allows_it(
+    clock: FakeClock,
+) -> None:
+    origin = Origin({"Cache-Control": "must-revalidate, stale-if-error=60"})
+    with serve(origin, StaleIfError(clock=clock), clock) as client:
+        client.get("http://origin/a")
+        origin.failing = True
+        assert info(client.get("http://origin/a"))["stale"] is True
+
+
+def test_an_answer_is_served_only_to_requests_with_the_headers_it_varies_on(
+    clock: FakeClock,
+) -> None:
+    origin = Origin({"Vary": "Accept-Language, X-Api-Key"})
+    with serve(origin, StaleIfError(clock=clock), clock) as client:
+        client.get("http://origin/account", headers={"X-Api-Key": "alice"})
+        origin.failing = True
+        bob = client.get("http://origin/account", headers={"X-Api-Key": "bob"})
+        alice = client.get("http://origin/account", headers={"X-Api-Key": "alice"})
+    assert bob.status_code == 503  # alice's answer is not bob's
+    assert info(alice)["stale"] is True
+
+
+def test_an_answer_that_varies_on_everything_is_not_kept(clock: FakeClock) -> None:
+    origin = Origin({"Vary": "*"})
+    cache = StaleIfError(clock=clock)
+    with serve(origin, cache, clock) as client:
+        client.get("http://origin/a")
+    assert len(cache) == 0
+
+
+def test_virtual_hosts_on_one_address_do_not_share_answers(clock: FakeClock) -> None:
+    origin = Origin()
+    with serve(origin, StaleIfError(clock=clock), clock) as client:
+        client.get("http://10.0.0.7/page", headers={"Host": "tenant-a.example"})
+        origin.failing = True
+        b = client.get("http://10.0.0.7/page", headers={"Host": "tenant-b.example"})
+        a = client.get("http://10.0.0.7/page", headers={"Host": "tenant-a.example"})
+    assert b.status_code == 503
+    assert info(a)["stale"] is True
+
+
+def test_a_set_cookie_is_never_replayed(clock: FakeClock) -> None:
+    # One caller's session must not land in another client's cookie jar.
+    origin = Origin({"Set-Cookie": "session=FIRST-CALLER; Path=/", "X-Kept": "yes"})
+    with serve(origin, StaleIfError(clock=clock), clock) as first:
+        first.get("http://origin/welcome")
+        origin.failing = True
+        stale = first.get("http://origin/welcome")
+    assert info(stale)["stale"] is True
+    assert "set-cookie" not in stale.headers
+    assert stale.headers["X-Kept"] == "yes"
+
+
+def test_a_request_that_asks_for_no_store_leaves_its_answer_out(clock: FakeClock) -> None:
+    origin = Origin()
+    cache = StaleIfError(clock=clock)
+    with serve(origin, cache, clock) as client:
+        client.get("http://origin/a", headers={"Cache-Control": "no-store"})
+    assert len(cache) == 0

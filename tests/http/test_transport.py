@@ -628,6 +628,30 @@ async def test_known_host_cancelled_request_gives_its_breaker_permit_back(fleet:
         assert (await client.get(fleet.urls[0] + "/items")).status_code == 200
 
 
+def test_an_empty_idempotency_key_does_not_make_a_post_retryable(
+    fleet: Fleet, clock: FakeClock
+) -> None:
+    transport = rs.ResilientTransport(clock=clock, breaker=None)
+    with httpx.Client(transport=transport) as client:
+        response = client.post(
+            fleet.urls[0] + "/orders?status=503", json={}, headers={"Idempotency-Key": ""}
+        )
+    assert response.status_code == 503
+    assert fleet[0].counts().total == 1  # not sent again: a blank key names no operation
+
+
+@pytest.mark.parametrize("name", ["idempotent", "retry", "hedge"])
+def test_a_per_request_switch_must_be_a_bool(fleet: Fleet, name: str) -> None:
+    # "false" is a non-empty string: read with bool(), it turned retries of a POST on.
+    transport = rs.ResilientTransport(breaker=None)
+    with (
+        httpx.Client(transport=transport) as client,
+        pytest.raises(ValueError, match=rf"\['{name}'\] must be True or False, got 'false'"),
+    ):
+        client.post(fleet.urls[0] + "/orders", extensions={"resilient": {name: "false"}})
+    assert fleet[0].counts().total == 0
+
+
 # --- circuit breaker --------------------------------------------------------------------------
 
 
