@@ -16,10 +16,11 @@ entry (RFC 9111 §4.4).
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -66,9 +67,9 @@ def _key(request: httpx.Request, url: httpx.URL | None = None) -> str:
     return key
 
 
-def _vary(request: httpx.Request, response: httpx.Response) -> tuple[tuple[str, str | None], ...]:
-    """The request's values of the headers the response's ``Vary`` names."""
-    names = sorted(
+def _vary_names(response: httpx.Response) -> list[str]:
+    """The header names the response's ``Vary`` lists, lowercased and sorted (``*``: all)."""
+    return sorted(
         {
             name.strip().lower()
             for value in response.headers.get_list("vary")
@@ -76,7 +77,11 @@ def _vary(request: httpx.Request, response: httpx.Response) -> tuple[tuple[str, 
             if name.strip()
         }
     )
-    return tuple((name, request.headers.get(name)) for name in names)
+
+
+def _vary(request: httpx.Request, response: httpx.Response) -> tuple[tuple[str, str | None], ...]:
+    """The request's values of the headers the response's ``Vary`` names."""
+    return tuple((name, request.headers.get(name)) for name in _vary_names(response))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -128,7 +133,7 @@ class StaleIfError:
             _NO_STORE.search(cache_control)
             or _PRIVATE.search(cache_control)
             or _NO_STORE.search(request.headers.get("cache-control", ""))
-            or any(v.strip() == "*" for v in ",".join(response.headers.get_list("vary")).split(","))
+            or "*" in _vary_names(response)
         ):
             return None
         # One transport often serves many users: an answer to an authenticated request is kept
@@ -145,20 +150,16 @@ class StaleIfError:
         return self.stale_for
 
     def _store(
-        self, request: httpx.Request, response: httpx.Response, content: bytes, key: str
+        self,
+        key: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        stale_for: float,
+        vary: tuple[tuple[str, str | None], ...],
+        content: bytes,
     ) -> None:
-        stale_for = self._stale_window(request, response)
-        if stale_for is None:
-            return
-        entry = _Entry(
-            response.status_code,
-            # Never replayed: a session cookie set for one caller would go to another.
-            [(k, v) for k, v in response.headers.raw if k.lower() != b"set-cookie"],
-            content,
-            self._clock.monotonic(),
-            stale_for,
-            _vary(request, response),
-        )
+        """Keep an answer (all but its body taken when it came) once its body is read."""
+        entry = _Entry(status, headers, content, self._clock.monotonic(), stale_for, vary)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
@@ -171,15 +172,26 @@ class StaleIfError:
         """Arrange for a good GET response to be kept once the caller has read all of it, under
         ``url`` (a service's own URL, for a request sent to one of its replicas) or the
         request's."""
-        if self._stale_window(request, response) is None:
+        stale_for = self._stale_window(request, response)
+        if stale_for is None:
             return response
-        key = _key(request, url)  # now: the request may be sent elsewhere before it is read
+        # Made now: the request may be sent elsewhere (its URL and Host set for another replica)
+        # before the body is read.
+        store = functools.partial(
+            self._store,
+            _key(request, url),
+            response.status_code,
+            # Never replayed: a session cookie set for one caller would go to another.
+            [(k, v) for k, v in response.headers.raw if k.lower() != b"set-cookie"],
+            stale_for,
+            _vary(request, response),
+        )
         try:
             content = response.content  # the inner transport may have read the body already
         except httpx.ResponseNotRead:
-            response.stream = _Tee(self, request, response, key)
+            response.stream = _Tee(response.stream, store, self.max_body_bytes)
         else:
-            self._store(request, response, content, key)
+            store(content)
         return response
 
     def invalidate(self, request: httpx.Request, url: httpx.URL | None = None) -> None:
@@ -213,13 +225,14 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     """Pass the body through to the caller and keep a copy; store it when the body is complete."""
 
     def __init__(
-        self, cache: StaleIfError, request: httpx.Request, response: httpx.Response, key: str
+        self,
+        inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+        store: Callable[[bytes], None],
+        max_bytes: int,
     ):
-        self._cache = cache
-        self._key = key
-        self._request = request
-        self._response = response
-        self._inner = response.stream
+        self._inner = inner
+        self._store = store
+        self._max_bytes = max_bytes
         self._parts: list[bytes] | None = []
         self._size = 0
 
@@ -227,14 +240,14 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
         if self._parts is None:
             return
         self._size += len(chunk)
-        if self._size > self._cache.max_body_bytes:
+        if self._size > self._max_bytes:
             self._parts = None
         else:
             self._parts.append(chunk)
 
     def _done(self) -> None:
         if self._parts is not None:
-            self._cache._store(self._request, self._response, b"".join(self._parts), self._key)
+            self._store(b"".join(self._parts))
             self._parts = None
 
     def __iter__(self) -> Iterator[bytes]:

@@ -1119,19 +1119,27 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _may_hedge(self, request: httpx.Request, number: int, after: float) -> bool:
         """Take a budget token for hedge ``number`` and report it; False if there is none."""
-        if self.budget is not None and not self.budget.try_withdraw():
-            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+        if not self._budget_token(request):
             return False
         self._hedge_launched(request, number, after)
         return True
 
-    async def _hedge_token_async(self, request: httpx.Request) -> bool:
-        """A budget token for a hedge, taken without blocking the event loop on a store's
-        round trip; False (counted) if there is none."""
-        if self.budget is not None and not await self.budget.try_withdraw_async():
-            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
-            return False
+    def _budget_token(self, request: httpx.Request) -> bool:
+        """A retry budget token for a retry or hedge of ``request``; False (counted) if none."""
+        if self.budget is not None and not self.budget.try_withdraw():
+            return self._budget_exhausted(request)
         return True
+
+    async def _budget_token_async(self, request: httpx.Request) -> bool:
+        """`_budget_token` without blocking the event loop on a store's round trip."""
+        if self.budget is not None and not await self.budget.try_withdraw_async():
+            return self._budget_exhausted(request)
+        return True
+
+    def _budget_exhausted(self, request: httpx.Request) -> bool:
+        """Count a token the budget refused ``request``; False, for `_budget_token`."""
+        self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+        return False
 
     def _hedge_launched(self, request: httpx.Request, number: int, after: float) -> None:
         """Count hedge ``number`` of ``request``, sent ``after`` seconds in, and announce it."""
@@ -1297,8 +1305,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._clock.monotonic() + delay + call.last_duration > call.deadline_at
         ):
             return "deadline"
-        if withdraw and self.budget is not None and not self.budget.try_withdraw():
-            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+        if withdraw and not self._budget_token(request):
             return "budget"
         return delay
 
@@ -1312,13 +1319,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """`_decide` for async requests: a store's round trip for the budget's token does not
         block the event loop."""
         decision = self._decide(request, call, exc, response, withdraw=False)
-        budget = self.budget
-        if (
-            budget is not None
-            and not isinstance(decision, str)
-            and not await budget.try_withdraw_async()
-        ):
-            self._instruments.budget_exhausted.add(1, self._host(request.url).attributes)
+        if not isinstance(decision, str) and not await self._budget_token_async(request):
             return "budget"
         return decision
 
@@ -2046,11 +2047,9 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         it. With no budget token for the copy, the copy goes all the same, and no read is cut
         for the next second (`_NO_CUT_FOR`), so that the budget, spent in an outage, is
         overdrawn at most by the cuts in flight when it ran dry."""
-        if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
+        if not self._cut_timed_out(request, call, delay, exc):
             return False
-        self._censored(request, call, delay)
-        if not self._may_hedge(request, 1, delay):
-            self._unfunded_hedge(request, delay)
+        self._copy_after_cut(request, delay, self._budget_token(request))
         return True
 
     async def _hedge_after_cut_async(
@@ -2058,18 +2057,25 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     ) -> bool:
         """`_hedge_after_cut` for trio: a store's round trip for the budget's token does not
         block the event loop."""
+        if not self._cut_timed_out(request, call, delay, exc):
+            return False
+        self._copy_after_cut(request, delay, await self._budget_token_async(request))
+        return True
+
+    def _cut_timed_out(
+        self, request: httpx.Request, call: _Call, delay: float, exc: Exception
+    ) -> bool:
+        """Was ``exc`` the read cut's timeout? Then the attempt counts as a slow sample."""
         if not (call.shortened and isinstance(exc, httpx.ReadTimeout)):
             return False
         self._censored(request, call, delay)
-        if await self._hedge_token_async(request):
-            self._hedge_launched(request, 1, delay)
-        else:
-            self._unfunded_hedge(request, delay)
         return True
 
-    def _unfunded_hedge(self, request: httpx.Request, delay: float) -> None:
-        """A copy after a read cut, sent without a budget token: no read is cut for a while."""
-        self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
+    def _copy_after_cut(self, request: httpx.Request, delay: float, funded: bool) -> None:
+        """Announce the copy sent after a read cut; sent without a budget token (``funded``
+        False), no read is cut for a while."""
+        if not funded:
+            self._no_cut_until = self._clock.monotonic() + _NO_CUT_FOR
         self._hedge_launched(request, 1, delay)
 
     def _settle(
@@ -2666,7 +2672,7 @@ class ResilientTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                             await changed.wait()
                     if winner or len(outcomes) == launched:
                         break  # decided, or every attempt so far failed: the retry loop acts
-                    if not await self._hedge_token_async(request) or winner:
+                    if not await self._budget_token_async(request) or winner:
                         break  # (a winner may have come while a store was asked for the token)
                     self._hedge_launched(request, launched, delay * launched)
                     tg.start_soon(run, _clone(request), tg)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import anyio
+
 from resilient._clock import Clock, system_clock
 
 __all__ = ["ExceptionMatcher", "check_positive", "compile_matcher", "resolve_clock"]
@@ -89,3 +91,10 @@ async def discard_async(value: object) -> None:
         await aclose()
         return
     discard(value)
+
+
+async def discard_shielded(value: object) -> None:
+    """`discard_async` run to its end even if the caller is being cancelled: for a result
+    nobody will take because the call is failing or being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await discard_async(value)

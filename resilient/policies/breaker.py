@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import anyio
-
 from resilient import _later
 from resilient._clock import Clock
 from resilient._errors import CircuitOpenError
@@ -42,7 +40,7 @@ from resilient.policies._common import (
     check_positive,
     compile_matcher,
     discard,
-    discard_async,
+    discard_shielded,
     resolve_clock,
 )
 from resilient.policies._windows import CountWindow, TimeWindow
@@ -781,8 +779,7 @@ class CircuitBreaker(Policy):
         try:
             await self._shared_outcome_async(gen, started, None, result)
         except BaseException:  # ``result=`` raised (or cancelled): nobody takes the result
-            with anyio.CancelScope(shield=True):
-                await discard_async(result)
+            await discard_shielded(result)
             raise
         return result
 
@@ -1009,8 +1006,7 @@ class CircuitBreaker(Policy):
         try:
             self._settle(gen, clock.monotonic() - started, None, result)
         except BaseException:  # ``result=`` raised: nobody takes the result
-            with anyio.CancelScope(shield=True):
-                await discard_async(result)
+            await discard_shielded(result)
             raise
         return result
 

@@ -164,11 +164,15 @@ class RetryBudget:
         with self._lock:
             now = self._clock.monotonic()
             self._fold(now)
-            calls, _, _ = self._window.totals(now)
-            if calls + self._reserve < 1.0:
-                return False
-            self._window.add(now, -1.0)
-            return True
+            return self._take_locked(now)
+
+    def _take_locked(self, now: float) -> bool:
+        """Take one of this process's own tokens, if there is one. Under the lock."""
+        calls, _, _ = self._window.totals(now)
+        if calls + self._reserve < 1.0:
+            return False
+        self._window.add(now, -1.0)
+        return True
 
     async def try_withdraw_async(self) -> bool:
         """`try_withdraw` for async code: with a store, its round trip does not block the event
@@ -247,13 +251,8 @@ class RetryBudget:
         """The store's answer to a withdrawal, mirrored locally; None: unavailable."""
         with self._lock:
             now = self._clock.monotonic()
-            if reply is None:
-                # The store is unavailable: this process's own tokens decide.
-                calls, _, _ = self._window.totals(now)
-                if calls + self._reserve < 1.0:
-                    return False
-                self._window.add(now, -1.0)
-                return True
+            if reply is None:  # the store is unavailable: this process's own tokens decide
+                return self._take_locked(now)
             if reply[0]:
                 self._window.add(now, -1.0)
             return reply[0]

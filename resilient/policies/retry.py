@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import anyio
 import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -27,6 +26,7 @@ from resilient.policies._common import (
     check_count,
     check_positive,
     compile_matcher,
+    discard_shielded,
     resolve_clock,
 )
 from resilient.policies._common import discard as _discard
@@ -323,8 +323,7 @@ class Retry(Policy):
         try:
             return self._wants_retry(value)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _discard_async(value)
+            await discard_shielded(value)
             raise
 
     async def _execute_async(self, thunk: Callable[[], Awaitable[T]]) -> T:
@@ -355,8 +354,7 @@ class Retry(Policy):
                 decision = await self._decide_async(st, exc, value)
             except BaseException:
                 if exc is None:  # a predicate raised, or cancelled while a store was asked:
-                    with anyio.CancelScope(shield=True):  # nobody takes the result
-                        await _discard_async(value)
+                    await discard_shielded(value)  # nobody takes the result
                 raise
             if isinstance(decision, str):
                 self._give_up(st, decision, exc)

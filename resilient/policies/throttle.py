@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import anyio
-
 from resilient._clock import Clock
 from resilient._errors import ThrottledError
 from resilient._policy import Policy
@@ -40,7 +38,7 @@ from resilient.policies._common import (
     check_positive,
     compile_matcher,
     discard,
-    discard_async,
+    discard_shielded,
     resolve_clock,
 )
 from resilient.policies._windows import TimeWindow
@@ -368,7 +366,6 @@ class AdaptiveThrottle(Policy):
         try:
             self._record(self.result is None or not self.result(result))
         except BaseException:  # ``result=`` raised: nobody takes the result
-            with anyio.CancelScope(shield=True):
-                await discard_async(result)
+            await discard_shielded(result)
             raise
         return result

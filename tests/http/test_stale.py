@@ -420,13 +420,26 @@ def test_an_answer_to_a_url_with_credentials_is_not_kept(clock: FakeClock) -> No
         assert client.get("http://origin/a").status_code == 503
 
 
-def test_an_authorized_answer_is_not_served_to_another_user(clock: FakeClock) -> None:
-    origin = Origin()
+def after_an_outage(
+    clock: FakeClock, origin: Origin, url: str, first: dict[str, str], *then: dict[str, str]
+) -> list[httpx.Response]:
+    """GET ``url`` with the headers ``first`` while the origin is up, then once with each of
+    ``then`` once it fails: the answers the cache gave."""
     with serve(origin, StaleIfError(clock=clock), clock) as client:
-        client.get("http://origin/me", headers={"Authorization": "Bearer alice"})
+        client.get(url, headers=first)
         origin.failing = True
-        response = client.get("http://origin/me", headers={"Authorization": "Bearer bob"})
-    assert response.status_code == 503
+        return [client.get(url, headers=headers) for headers in then]
+
+
+def test_an_authorized_answer_is_not_served_to_another_user(clock: FakeClock) -> None:
+    (bob,) = after_an_outage(
+        clock,
+        Origin(),
+        "http://origin/me",
+        {"Authorization": "Bearer alice"},
+        {"Authorization": "Bearer bob"},
+    )
+    assert bob.status_code == 503
 
 
 def test_an_answer_with_a_cookie_is_not_served_to_another_user(clock: FakeClock) -> None:
@@ -489,12 +502,15 @@ def test_a_must_revalidate_answer_is_served_stale_where_the_server_allows_it(
 def test_an_answer_is_served_only_to_requests_with_the_headers_it_varies_on(
     clock: FakeClock,
 ) -> None:
-    origin = Origin({"Vary": "Accept-Language, X-Api-Key"})
-    with serve(origin, StaleIfError(clock=clock), clock) as client:
-        client.get("http://origin/account", headers={"X-Api-Key": "alice"})
-        origin.failing = True
-        bob = client.get("http://origin/account", headers={"X-Api-Key": "bob"})
-        alice = client.get("http://origin/account", headers={"X-Api-Key": "alice"})
+    alice_key, bob_key = {"X-Api-Key": "alice"}, {"X-Api-Key": "bob"}
+    bob, alice = after_an_outage(
+        clock,
+        Origin({"Vary": "Accept-Language, X-Api-Key"}),
+        "http://origin/account",
+        alice_key,
+        bob_key,
+        alice_key,
+    )
     assert bob.status_code == 503  # alice's answer is not bob's
     assert info(alice)["stale"] is True
 
@@ -508,12 +524,8 @@ def test_an_answer_that_varies_on_everything_is_not_kept(clock: FakeClock) -> No
 
 
 def test_virtual_hosts_on_one_address_do_not_share_answers(clock: FakeClock) -> None:
-    origin = Origin()
-    with serve(origin, StaleIfError(clock=clock), clock) as client:
-        client.get("http://10.0.0.7/page", headers={"Host": "tenant-a.example"})
-        origin.failing = True
-        b = client.get("http://10.0.0.7/page", headers={"Host": "tenant-b.example"})
-        a = client.get("http://10.0.0.7/page", headers={"Host": "tenant-a.example"})
+    tenant_a, tenant_b = {"Host": "tenant-a.example"}, {"Host": "tenant-b.example"}
+    b, a = after_an_outage(clock, Origin(), "http://10.0.0.7/page", tenant_a, tenant_b, tenant_a)
     assert b.status_code == 503
     assert info(a)["stale"] is True
 
